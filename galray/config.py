@@ -1,0 +1,239 @@
+"""Typed, frozen configuration: dataclasses loaded from YAML/dicts with strict validation.
+
+Every config in galray is a frozen dataclass. This module turns plain data (YAML, JSON,
+``--set a.b=c`` overrides) into those dataclasses and back, and fails at once with the
+field's dotted name when a key is unknown or a value has the wrong type or range.
+
+Pure module: never imports ray, mlflow or boto3 (see ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, missing or invalid. The message starts with the dotted field name."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+def check(condition: bool, field: str, message: str) -> None:
+    """Raise ConfigError for ``field`` unless ``condition`` holds. For use in ``__post_init__``."""
+    if not condition:
+        raise ConfigError(field, message)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Convert ``value`` to type ``tp`` or raise ConfigError naming ``path``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(path, "must not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(path, f"{value!r} does not match {_type_name(tp)}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(path, f"must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(path, f"expected a list, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            items = [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+        elif origin is tuple and args:
+            if len(args) != len(value):
+                raise ConfigError(path, f"expected {len(args)} items, got {len(value)}")
+            items = [_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(args, value))]
+        else:
+            item_tp = args[0] if args else Any
+            items = [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {value!r}")
+        key_tp, val_tp = get_args(tp) or (Any, Any)
+        return {_convert(k, key_tp, path): _convert(v, val_tp, _join(path, str(k))) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(path, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``. Unknown keys and bad values raise ConfigError."""
+    data = dict(data or {})
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            _join(path, unknown[0]),
+            f"unknown key (valid keys of {cls.__name__}: {', '.join(sorted(fields))})",
+        )
+    kwargs = {name: _convert(value, hints[name], _join(path, name)) for name, value in data.items()}
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(_join(path, name), "is required")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        if path and not err.field.startswith(path):
+            raise ConfigError(_join(path, err.field), str(err).split(": ", 1)[-1]) from None
+        raise
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) of a config, ready for YAML or JSON."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` view of a config, e.g. for MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in (to_dict(cfg) if not isinstance(cfg, dict) else cfg).items():
+        name = _join(prefix, key)
+        if isinstance(value, dict):
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=3"`` -> (["a", "b"], 3). The value is parsed as YAML, so lists and numbers work."""
+    if "=" not in text:
+        raise ConfigError("", f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError("", f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``a.b=c`` override set (creating nested mappings)."""
+    out = json.loads(json.dumps(data)) if data else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for i, k in enumerate(keys[:-1]):
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(".".join(keys[: i + 1]), f"is a value, not a section (override {text!r})")
+            node = nxt
+        node[keys[-1]] = value
+    return out
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (or JSON) file holding one mapping."""
+    text = Path(path).read_text()
+    data = yaml.safe_load(text) if text.strip() else {}
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = (),
+         base: dict[str, Any] | None = None) -> T:
+    """Load ``cls`` from an optional YAML file, then ``base`` keys, then ``--set`` overrides."""
+    data: dict[str, Any] = read_mapping(path) if path else {}
+    if base:
+        data = _merge(data, base)
+    return from_dict(cls, apply_overrides(data, overrides))
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def replace(cfg: T, overrides: typing.Iterable[str]) -> T:
+    """A copy of ``cfg`` with ``a.b=c`` overrides applied and validated."""
+    return from_dict(type(cfg), apply_overrides(to_dict(cfg), overrides))
+
+
+def dumps(cfg: Any, fmt: Literal["yaml", "json"] = "yaml") -> str:
+    data = to_dict(cfg)
+    if fmt == "json":
+        return json.dumps(data, indent=2, sort_keys=False) + "\n"
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def fmt_for(name: str) -> Literal["yaml", "json"]:
+    return "json" if name.endswith(".json") else "yaml"
