@@ -155,7 +155,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a.b": value}`` view of a config, e.g. for MLflow params."""
     out: dict[str, Any] = {}
-    for key, value in (to_dict(cfg) if not isinstance(cfg, dict) else cfg).items():
+    for key, value in redacted(to_dict(cfg) if not isinstance(cfg, dict) else cfg).items():
         name = _join(prefix, key)
         if isinstance(value, dict):
             out.update(flatten(value, name))
@@ -228,8 +228,22 @@ def replace(cfg: T, overrides: typing.Iterable[str]) -> T:
     return from_dict(type(cfg), apply_overrides(to_dict(cfg), overrides))
 
 
+# Fields whose values never leave the process in a dump (config files next to outputs, MLflow params).
+SECRET_KEYS = frozenset({"access_key_id", "secret_access_key", "session_token", "password"})
+
+
+def redacted(data: Any) -> Any:
+    """Copy of a plain config mapping with secret values replaced by ``"***"``."""
+    if isinstance(data, dict):
+        return {k: ("***" if k in SECRET_KEYS and v else redacted(v)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [redacted(v) for v in data]
+    return data
+
+
 def dumps(cfg: Any, fmt: Literal["yaml", "json"] = "yaml") -> str:
-    data = to_dict(cfg)
+    """The config as YAML or JSON text, secrets redacted."""
+    data = redacted(to_dict(cfg))
     if fmt == "json":
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
     return yaml.safe_dump(data, sort_keys=False)

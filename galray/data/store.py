@@ -1,0 +1,135 @@
+"""The cutout store seen from Ray: URIs to ``ray.data.Dataset``, shard listing, and ``galray info``.
+
+The on-disk contract lives in :mod:`galray.data.shards`. This is the only data module that imports
+Ray; the readers and writers it wires are plain pyarrow, so they also run in a script.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from galray.data.shards import ERRORS_DIR, ID_COLUMN, ImageSpec, list_parquet, read_metadata, spec_from_schema
+from galray.session import ensure_ray
+from galray.storage import StorageConfig, StorageError, check_access, join
+
+# Columns worth counting in `galray info`: strings and integers with few distinct values.
+MAX_CATEGORIES = 50
+
+
+def shard_paths(uri: str, storage: StorageConfig | None = None) -> tuple[Any, list[str]]:
+    """``(filesystem, [shard paths])`` of a store, sorted; a clear error if there is none."""
+    fs, path = check_access(uri, storage, must_exist=True)
+    files = list_parquet(fs, path)
+    if not files:
+        raise StorageError(f"{uri} holds no Parquet shards")
+    return fs, [f.path for f in files]
+
+
+def read_store(uri: str, storage: StorageConfig | None = None, columns: list[str] | None = None,
+               **read_kwargs: Any) -> ray.data.Dataset:
+    """Stream a cutout store as a Ray Dataset (one read task per shard; nothing is held in memory).
+
+    In numpy batches the image column arrives as an (N, *shape) ndarray.
+    """
+    ensure_ray()
+    fs, paths = shard_paths(uri, storage)
+    return ray.data.read_parquet(paths, filesystem=fs, columns=columns, **read_kwargs)
+
+
+def read_spec(uri: str, storage: StorageConfig | None = None) -> ImageSpec:
+    fs, paths = shard_paths(uri, storage)
+    return spec_from_schema(pq.read_schema(paths[0], filesystem=fs))
+
+
+@dataclass
+class StoreSummary:
+    """What `galray info` prints."""
+
+    uri: str
+    shards: int
+    rows: int
+    bytes: int
+    image: ImageSpec | None
+    columns: dict[str, str]
+    label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    errors: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["image"] = self.image.to_json() if self.image else None
+        return out
+
+    def format(self) -> str:
+        lines = [f"store    {self.uri}",
+                 f"rows     {self.rows:,} in {self.shards} shard(s), {self.bytes / 1e6:,.1f} MB"]
+        if self.image:
+            bands = f" bands {','.join(self.image.bands)}" if self.image.bands else ""
+            lines.append(f"image    {self.image.column}: {self.image.dtype} {tuple(self.image.shape)} "
+                         f"{self.image.layout}{bands}")
+        if self.errors:
+            lines.append(f"errors   {self.errors:,} row(s) in {ERRORS_DIR}/")
+        lines.append("columns  " + ", ".join(f"{k} ({v})" for k, v in self.columns.items()))
+        for name, counts in self.label_counts.items():
+            top = ", ".join(f"{k}: {v:,}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+            lines.append(f"labels   {name}: {top}")
+        return "\n".join(lines)
+
+
+def _is_categorical(name: str, typ: pa.DataType) -> bool:
+    if name == ID_COLUMN:
+        return False
+    return pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_dictionary(typ) or (
+        pa.types.is_integer(typ) and ("label" in name or "class" in name))
+
+
+def store_summary(uri: str, storage: StorageConfig | None = None) -> StoreSummary:
+    """Rows, shards, bytes, image layout, columns and label counts, reading footers and label columns only."""
+    fs, paths = shard_paths(uri, storage)
+    rows = nbytes = 0
+    schema = None
+    counters: dict[str, Counter] = {}
+    for path in paths:
+        info = fs.get_file_info(path)
+        nbytes += info.size or 0
+        pf = pq.ParquetFile(path, filesystem=fs)
+        rows += pf.metadata.num_rows
+        if schema is None:
+            schema = pf.schema_arrow
+            counters = {f.name: Counter() for f in schema if _is_categorical(f.name, f.type)}
+        if counters:
+            table = pf.read(columns=list(counters))
+            for name in list(counters):
+                counts = pc.value_counts(table.column(name)).to_pylist()
+                counters[name].update({str(c["values"]): c["counts"] for c in counts})
+                if len(counters[name]) > MAX_CATEGORIES:  # an identifier-like column, not a label
+                    del counters[name]
+    assert schema is not None
+    try:
+        spec = spec_from_schema(schema)
+    except (ValueError, KeyError):
+        spec = None
+    errors = 0
+    _, root = check_access(uri, storage)
+    for f in list_parquet(fs, f"{root}/{ERRORS_DIR}"):
+        errors += pq.ParquetFile(f.path, filesystem=fs).metadata.num_rows
+    columns = {f.name: ("tensor" if isinstance(f.type, pa.ExtensionType) else str(f.type)) for f in schema}
+    meta = {k: v for k, v in read_metadata(schema).items() if k not in ("image", "store_version")}
+    return StoreSummary(uri=uri, shards=len(paths), rows=rows, bytes=nbytes, image=spec, columns=columns,
+                        label_counts={k: dict(v) for k, v in counters.items()}, errors=errors, metadata=meta)
+
+
+def errors_uri(uri: str) -> str:
+    return join(uri, ERRORS_DIR)
+
+
+def dump_summary_json(summary: StoreSummary) -> str:
+    return json.dumps(summary.to_json(), indent=2, default=str)

@@ -1,0 +1,36 @@
+"""Start or join Ray, once per process, with settings that suit both a laptop and a cluster.
+
+On a cluster (``RAY_ADDRESS`` set, or a job submitted with ``ray job submit``) this joins it;
+on a laptop it starts a local Ray sized to the machine. Every Ray-layer entrypoint calls
+:func:`ensure_ray` so library functions also work outside the CLI.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+
+def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
+    """Initialise Ray if it is not running in this process yet."""
+    if ray.is_initialized():
+        return
+    kwargs: dict = dict(include_dashboard=False, ignore_reinit_error=True,
+                        logging_level=logging.WARNING if quiet else logging.INFO)
+    # Token auth is on by default in recent Ray; a local single-user session needs none.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not os.environ.get("RAY_ADDRESS") and num_cpus is not None:
+        kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+    ctx = ray.data.DataContext.get_current()
+    # Progress bars on a terminal; in logs (CI, jobs) Ray prints periodic progress lines instead.
+    ctx.enable_progress_bars = True
+    ctx.print_on_execution_start = not quiet
+
+
+def cluster_gpus() -> float:
+    """GPUs the Ray cluster has in total (0 on a laptop or CI)."""
+    ensure_ray()
+    return float(ray.cluster_resources().get("GPU", 0.0))

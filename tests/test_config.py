@@ -1,0 +1,85 @@
+"""Config machinery: strict loading, dotted-name errors, overrides, dumps with secrets redacted."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+import yaml
+
+from galray.config import ConfigError, check, dumps, flatten, from_dict, load, replace, to_dict
+from galray.storage import StorageConfig
+
+
+@dataclass(frozen=True)
+class Inner:
+    k: int = 8
+    widths: tuple[int, ...] = (64, 128)
+    mode: Literal["a", "b"] = "a"
+    lr: float = 1e-3
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        check(self.k > 0, "k", "must be positive")
+
+
+@dataclass(frozen=True)
+class Outer:
+    out: str = "x"
+    inner: Inner = field(default_factory=Inner)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+def test_defaults_and_roundtrip():
+    cfg = from_dict(Outer, {"inner": {"k": 3, "widths": [1, 2, 3]}})
+    assert cfg.inner.k == 3 and cfg.inner.widths == (1, 2, 3)
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("data, field_name", [
+    ({"inner": {"kk": 1}}, "inner.kk"),
+    ({"inner": {"k": "eight"}}, "inner.k"),
+    ({"inner": {"k": -1}}, "inner.k"),
+    ({"inner": {"mode": "c"}}, "inner.mode"),
+    ({"inner": {"widths": [1, "x"]}}, "inner.widths[1]"),
+    ({"inner": {"lr": True}}, "inner.lr"),
+    ({"storage": {"max_attempts": 0}}, "storage.max_attempts"),
+    ({"storage": {"endpoint_url": "localhost:9000"}}, "storage.endpoint_url"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_errors_name_the_field(data, field_name):
+    with pytest.raises(ConfigError) as info:
+        from_dict(Outer, data)
+    assert info.value.field == field_name
+    assert str(info.value).startswith(field_name + ":")
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"out": "a", "inner": {"k": 2}}))
+    cfg = load(Outer, path, ["inner.k=5", "inner.widths=[4, 8]", "inner.lr=0.5", "inner.name=abc"])
+    assert (cfg.out, cfg.inner.k, cfg.inner.widths, cfg.inner.lr, cfg.inner.name) == ("a", 5, (4, 8), 0.5, "abc")
+    with pytest.raises(ConfigError, match="inner.nope"):
+        load(Outer, path, ["inner.nope=1"])
+    with pytest.raises(ConfigError):
+        load(Outer, path, ["no_equals_sign"])
+    assert replace(cfg, ["out=b"]).out == "b"
+
+
+def test_frozen():
+    cfg = Outer()
+    with pytest.raises(Exception):
+        cfg.out = "y"  # type: ignore[misc]
+
+
+def test_dump_yaml_and_json_redact_secrets():
+    cfg = from_dict(Outer, {"storage": {"access_key_id": "AKIDSECRET", "secret_access_key": "s3cr3t"}})
+    for text in (dumps(cfg), dumps(cfg, "json")):
+        assert "AKIDSECRET" not in text and "s3cr3t" not in text
+    assert "s3cr3t" not in repr(cfg)
+    data = json.loads(dumps(cfg, "json"))
+    assert data["storage"]["secret_access_key"] == "***" and data["inner"]["k"] == 8
+    assert flatten(cfg)["storage.secret_access_key"] == "***"
+    assert yaml.safe_load(dumps(Outer()))["inner"]["widths"] == [64, 128]
