@@ -20,7 +20,7 @@ EPILOG_S3 = textwrap.dedent("""\
     AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION.""")
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class _Formatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
@@ -63,6 +63,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         "n": args.n, "out": args.out, "shard_rows": args.shard_rows, "preview": args.preview,
         "overwrite": args.overwrite or None, "sim.size": args.size, "sim.seed": args.seed}))
     print(format_summary(simulate_survey(job)))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from galray.sample import SampleJob, write_sample
+
+    job = _job_config(SampleJob, args, _flags(**{"source": args.source, "out": args.out, "xdf.size": args.size}))
+    s = write_sample(job)
+    print(f"cut {s['rows']:,} real galaxies from the Hubble XDF into {s['out']} "
+          f"({s['bytes'] / 1e6:.1f} MB, {s['seconds']:.1f} s)")
     return 0
 
 
@@ -112,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="re-render shards that already exist")
     _add_config_args(p)
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("sample", help="write a store of real galaxies from a bundled image (no download)",
+                       formatter_class=_Formatter, epilog=EPILOG_S3, description=textwrap.dedent("""\
+        xdf: the Hubble eXtreme Deep Field colour image that scikit-image ships. Sources are
+        detected with SEP (background-subtracted, deblended), each is cut out in a box scaled
+        to its half-light radius (edge-padded at the border) and resized to --size. Rows keep
+        SEP's measurements: x, y, a, b, axis ratio, position angle, half-light radius, flux,
+        peak, S/N, area, box size and the fraction of the box outside the image."""))
+    p.add_argument("source", choices=["xdf"], help="which real image to cut")
+    p.add_argument("--out", help="output store URI [config default: galray-data/xdf]")
+    p.add_argument("--size", type=int, help="cutout size in pixels [config default: 64]")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("info", help="summarise a cutout store: rows, image shape, columns, labels, bytes",
                        formatter_class=_Formatter, epilog=EPILOG_S3,

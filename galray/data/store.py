@@ -91,6 +91,12 @@ def _is_categorical(name: str, typ: pa.DataType) -> bool:
         pa.types.is_integer(typ) and ("label" in name or "class" in name))
 
 
+def _type_label(typ: pa.DataType) -> str:
+    if isinstance(typ, pa.FixedShapeTensorType):
+        return f"tensor {typ.value_type}{list(typ.shape)}"
+    return "tensor" if isinstance(typ, pa.ExtensionType) else str(typ)
+
+
 def store_summary(uri: str, storage: StorageConfig | None = None) -> StoreSummary:
     """Rows, shards, bytes, image layout, columns and label counts, reading footers and label columns only."""
     fs, paths = shard_paths(uri, storage)
@@ -121,7 +127,7 @@ def store_summary(uri: str, storage: StorageConfig | None = None) -> StoreSummar
     _, root = check_access(uri, storage)
     for f in list_parquet(fs, f"{root}/{ERRORS_DIR}"):
         errors += pq.ParquetFile(f.path, filesystem=fs).metadata.num_rows
-    columns = {f.name: ("tensor" if isinstance(f.type, pa.ExtensionType) else str(f.type)) for f in schema}
+    columns = {f.name: _type_label(f.type) for f in schema}
     meta = {k: v for k, v in read_metadata(schema).items() if k not in ("image", "store_version")}
     return StoreSummary(uri=uri, shards=len(paths), rows=rows, bytes=nbytes, image=spec, columns=columns,
                         label_counts={k: dict(v) for k, v in counters.items()}, errors=errors, metadata=meta)
