@@ -1,0 +1,155 @@
+"""MLflow tracking: one run per job, logged from rank 0 only, a no-op when disabled.
+
+The tracking URI comes from config, else ``MLFLOW_TRACKING_URI``, else a sqlite store in the
+working directory (``sqlite:///mlflow.db``). Ray workers get the URI passed explicitly, because
+a worker that falls back to its own default writes an ``mlflow.db`` into its own directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from galray.config import check, flatten
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where and whether runs are recorded."""
+
+    enabled: bool = True
+    """Log to MLflow at all."""
+    uri: str | None = None
+    """Tracking URI (sqlite:///path.db, http://host:5000, a folder); default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
+    experiment: str = "galray"
+    """Experiment name."""
+    run_name: str | None = None
+    """Run name shown in the UI (default: the job's name)."""
+    register_model: str | None = None
+    """Register the final checkpoint under this model name."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.experiment), "experiment", "must not be empty")
+
+    def resolved_uri(self) -> str:
+        uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            # make relative sqlite paths absolute now, so every process writes the same file
+            uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+        return uri
+
+    def resolved(self) -> "TrackingConfig":
+        from dataclasses import replace
+
+        return replace(self, uri=self.resolved_uri())
+
+
+def _is_rank_zero() -> bool:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank() == 0
+    except ImportError:  # torch is always there in galray, but tracking must not depend on it
+        pass
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class Tracker:
+    """A thin MLflow run handle. On ranks other than 0, or when disabled, every method does nothing."""
+
+    def __init__(self, cfg: TrackingConfig, run_name: str | None = None, run_id: str | None = None,
+                 tags: Mapping[str, str] | None = None):
+        self.cfg = cfg
+        self.active = cfg.enabled and _is_rank_zero()
+        self.run_id: str | None = None
+        if not self.active:
+            return
+        import mlflow
+
+        self._mlflow = mlflow
+        self._client = mlflow.MlflowClient(tracking_uri=cfg.resolved_uri())
+        if run_id is None:
+            exp = self._client.get_experiment_by_name(cfg.experiment)
+            exp_id = exp.experiment_id if exp else self._client.create_experiment(cfg.experiment)
+            run = self._client.create_run(exp_id, run_name=cfg.run_name or run_name, tags=dict(tags or {}))
+            run_id = run.info.run_id
+        self.run_id = run_id
+
+    # The client API (not the fluent one) keeps no global state, so several trackers and Ray
+    # workers in one process never step on each other.
+    def log_params(self, cfg: Any) -> None:
+        if not self.active:
+            return
+        params = flatten(cfg) if not isinstance(cfg, Mapping) else dict(cfg)
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if not self.active:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
+        if items:
+            self._client.log_batch(self.run_id, metrics=items)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.active:
+            return
+        path = Path(path)
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_figure(self, fig: Any, name: str) -> None:
+        """Save a matplotlib figure as PNG into the run's ``figures/`` artifacts."""
+        if not self.active:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / name
+            fig.savefig(out, dpi=110, bbox_inches="tight")
+            self._client.log_artifact(self.run_id, str(out), "figures")
+
+    def log_text(self, text: str, name: str) -> None:
+        if self.active:
+            self._client.log_text(self.run_id, text, name)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if self.active:
+            for k, v in tags.items():
+                self._client.set_tag(self.run_id, k, str(v))
+
+    def register(self, artifact_path: str, name: str | None = None) -> None:
+        """Register ``runs:/<run>/<artifact_path>`` under ``name`` (default: cfg.register_model)."""
+        name = name or self.cfg.register_model
+        if not (self.active and name):
+            return
+        # MLflow 3's register_model wants a "logged model"; our checkpoints are plain artifacts
+        # (config.json + safetensors), so we create the version from the artifact location.
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._client.create_registered_model(name)
+        except MlflowException as err:
+            if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+                raise
+        source = f"{self._client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        self._client.create_model_version(name, source=source, run_id=self.run_id)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.active and self.run_id:
+            self._client.set_terminated(self.run_id, status=status)
