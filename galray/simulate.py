@@ -56,7 +56,7 @@ def render_shard(shard: int, start: int, stop: int, job: SimulateJob) -> dict[st
     """Render galaxies [start, stop) and write them as shard ``shard``; returns a small stats row."""
     t0 = time.perf_counter()
     columns = render_batch(range(start, stop), job.sim)
-    columns.pop("flux", None)  # the store keeps the colour rendering; flux cubes are opt-in elsewhere
+    columns.pop("flux_image", None)  # the store keeps the colour rendering; flux cubes are opt-in elsewhere
     table = make_table(columns, _spec(job.sim), extra_metadata={
         "producer": "galray simulate", "seed": job.sim.seed, "class_names": list(CLASS_NAMES)})
     fs, root = arrow_filesystem(job.out, job.storage)
