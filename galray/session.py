@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import ray
 
@@ -28,6 +29,10 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
     # Progress bars on a terminal; in logs (CI, jobs) Ray prints periodic progress lines instead.
     ctx.enable_progress_bars = True
     ctx.print_on_execution_start = not quiet
+    if quiet and not sys.stderr.isatty():
+        # Without a terminal Ray Data logs a multi-line progress block every few seconds;
+        # in CI logs and job output that drowns everything else. Warnings still show.
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def cluster_gpus() -> float:
