@@ -76,6 +76,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from galray.ingest import IngestJob, ingest
+
+    job = _job_config(IngestJob, args, _flags(**{
+        "format": args.format, "src": args.src, "out": args.out, "catalog": args.catalog,
+        "id_column": args.id_column, "shard_rows": args.shard_rows, "overwrite": args.overwrite or None,
+        "cutout.size": args.size, "cutout.crop_fraction": args.crop_fraction, "fits.mode": args.fits_mode}))
+    summary = ingest(job)
+    print(summary.format())
+    if summary.rows_errored:
+        print(f"errored rows (object_id, stage, reason, source_file): {job.out.rstrip('/')}/_errors/")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from galray.data.store import dump_summary_json, store_summary
 
@@ -135,6 +149,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="cutout size in pixels [config default: 64]")
     _add_config_args(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("ingest", help="read survey cutouts (image folders, Galaxy10 HDF5, Galaxy Zoo Parquet, "
+                                      "FITS) into a cutout store",
+                       formatter_class=_Formatter, epilog=EPILOG_S3, description=textwrap.dedent("""\
+        Stream survey cutouts, as they ship, into a sharded Parquet cutout store with Ray Data:
+          images       a folder/prefix of PNG/JPEG (sub-folders too); object id = file stem
+          galaxy10-h5  the Galaxy10 DECaLS file: images, ans (-> label, class_name), ra, dec,
+                       redshift, pxscale; object id = row index
+          gz-parquet   Galaxy Zoo's Hugging Face layout: image struct {bytes}, id_str, label columns
+          fits         one file per cutout: one image extension per band, or a (C, H, W) cube
+        Colour inputs are stored as uint8 HWC; FITS as float32 CHW flux (--fits-mode flux) or an
+        arcsinh/percentile uint8 rendering (--fits-mode rgb; see fits.stretch.* for its settings).
+        Every cutout is checked (decodable, not truncated, not all NaN or blank, aspect within
+        cutout.max_aspect, unique id: the first in sorted order wins), centre-cropped to a square,
+        cut to --crop-fraction and resized to --size (default: the native size of the first
+        readable input, so same-sized inputs are stored unresampled). Rows that fail go to
+        OUT/_errors/ with object_id, stage, reason and source_file; valid + errored = input, and
+        the job still finishes (exit 0). Shards are deterministic: a rerun skips finished ones."""))
+    p.add_argument("src", metavar="SRC", help="input: a folder, file or s3:// prefix")
+    p.add_argument("--format", choices=["images", "galaxy10-h5", "gz-parquet", "fits"],
+                   help="input format (required unless the --config file sets it)")
+    p.add_argument("--out", help="output store URI [config default: galray-data/ingest]")
+    p.add_argument("--catalog", metavar="FILE", help="CSV/TSV/Parquet catalog joined on the object id; "
+                                                     "its columns are carried into the store")
+    p.add_argument("--id-column", metavar="NAME", help="id column of the catalog and of gz-parquet input "
+                                                       "[default: object_id for catalogs, id_str for gz-parquet]")
+    p.add_argument("--size", type=int, help="output side in pixels [default: native size of the first input]")
+    p.add_argument("--crop-fraction", type=float, help="central fraction of each side kept before resizing "
+                                                       "[config default: 1.0]")
+    p.add_argument("--fits-mode", choices=["flux", "rgb"], help="FITS: float32 flux or uint8 arcsinh rendering "
+                                                                "[config default: flux]")
+    p.add_argument("--shard-rows", type=int, help="input rows per task and shard [config default: 1000]")
+    p.add_argument("--overwrite", action="store_true", help="delete existing shards and errors and redo all")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("info", help="summarise a cutout store: rows, image shape, columns, labels, bytes",
                        formatter_class=_Formatter, epilog=EPILOG_S3,

@@ -8,6 +8,7 @@ stages catch it and send the row to the errors output. No Ray, no torch.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -34,7 +35,9 @@ def decode_image(data: bytes | None) -> np.ndarray:
     except Exception as err:  # PIL raises several types: UnidentifiedImageError, OSError, SyntaxError
         text = str(err).lower()
         reason = "truncated image" if "truncated" in text or "broken data stream" in text else "cannot decode image"
-        raise CutoutError(f"{reason}: {err}") from None
+        # PIL puts the BytesIO's address in some messages; drop it so reasons are stable across reruns
+        detail = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err)).strip()
+        raise CutoutError(f"{reason}: {detail}" if detail else reason) from None
     if arr.size == 0:
         raise CutoutError("decoded image is empty")
     return np.ascontiguousarray(arr)
@@ -48,7 +51,7 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def check_finite(image: np.ndarray) -> np.ndarray:
-    """Reject empty, all-NaN or constant (blank) cutouts; replace scattered NaN/inf by 0."""
+    """Reject empty or all-NaN cutouts; replace scattered NaN/inf by 0."""
     if image.size == 0:
         raise CutoutError("empty image array")
     finite = np.isfinite(image)

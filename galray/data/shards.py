@@ -123,7 +123,11 @@ def spec_from_schema(schema: pa.Schema) -> ImageSpec:
 
 def tensor_array(images: np.ndarray) -> pa.ExtensionArray:
     """(N, *shape) ndarray -> Arrow fixed-shape tensor array (zero-copy where possible)."""
-    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(images))
+    images = np.ascontiguousarray(images)
+    if len(images) == 0:  # pyarrow refuses an empty ndarray; build the empty column from the storage type
+        typ = pa.fixed_shape_tensor(pa.from_numpy_dtype(images.dtype), list(images.shape[1:]))
+        return pa.ExtensionArray.from_storage(typ, pa.array([], typ.storage_type))
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(images)
 
 
 def make_table(columns: Mapping[str, Any], spec: ImageSpec, extra_metadata: Mapping[str, Any] | None = None) -> pa.Table:

@@ -1,0 +1,226 @@
+"""`galray ingest`: survey cutouts as they ship (image folders, Galaxy10 HDF5, Galaxy Zoo Parquet, FITS)
+into the cutout store, streamed through Ray Data, with an errors output.
+
+How a run goes:
+
+1. The driver lists the input and plans deterministic units (:mod:`galray.data.formats`): sorted
+   files in groups of ``shard_rows``, HDF5 index ranges, or runs of Parquet row groups. It reads
+   ids only (file stems, or the Parquet id column) to settle duplicate ids up front: the first
+   occurrence in sorted order wins, later ones go to the errors output as "duplicate object_id".
+2. It probes the first readable input for the native size (when ``--size`` is not given) and the
+   FITS bands, and writes the resolved config to ``<out>/_config.yaml``.
+3. One Ray Data task per unit reads, decodes, checks, crops/resizes and writes
+   ``shard-NNNNN.parquet`` plus, if any row failed, ``_errors/shard-NNNNN.parquet``
+   (``object_id, stage, reason, source_file``). A task holds one unit, so memory stays flat.
+4. A rerun skips units whose shard exists (counting their rows from the Parquet footers), so an
+   interrupted ingest resumes and a finished one is a no-op. Valid plus errored rows always equal
+   the input rows: each task checks it before writing, and :meth:`StageSummary.check` at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import yaml
+
+from galray.config import ConfigError, check, dumps, to_dict
+from galray.data.formats import (DEFAULT_CATALOG_ID_COLUMN, DEFAULT_GZ_ID_COLUMN, FORMATS, GALAXY10_CLASSES,
+                                 CutoutPolicy, FitsConfig, Format, Plan, ReadContext, Unit, convert_unit,
+                                 image_spec, plan_units, probe)
+from galray.data.shards import (CONFIG_NAME, ERRORS_DIR, ID_COLUMN, IMAGE_COLUMN, errors_table, list_parquet,
+                                shard_name, write_table)
+from galray.session import ensure_ray
+from galray.stage_summary import StageSummary
+from galray.storage import StorageConfig, arrow_filesystem, check_access, exists, join, read_text, write_text
+
+
+@dataclass(frozen=True)
+class IngestJob:
+    """`galray ingest`: which survey format to read, from where, and how cutouts are checked and sized."""
+
+    format: Format
+    """Input format: images (PNG/JPEG folder), galaxy10-h5, gz-parquet (Galaxy Zoo HF layout) or fits."""
+    src: str
+    """Input URI: a folder/prefix of files, or one file (local, file:// or s3://)."""
+    out: str = "galray-data/ingest"
+    """Output store URI: a local folder, file:// or s3://bucket/prefix."""
+    catalog: str | None = None
+    """Optional CSV/TSV/Parquet catalog joined on the object id; its columns are carried into the store."""
+    id_column: str | None = None
+    """Id column of the catalog and of gz-parquet input (default: object_id for catalogs, id_str for gz-parquet)."""
+    shard_rows: int = 1000
+    """Input rows per unit (one Ray task, one shard): files, HDF5 rows, or Parquet rows (whole row groups)."""
+    overwrite: bool = False
+    """Delete the store's shards and errors first and redo everything (default: skip finished shards)."""
+    cutout: CutoutPolicy = field(default_factory=CutoutPolicy)
+    """Validity checks and the crop/resize policy (cutout.size is --size)."""
+    fits: FitsConfig = field(default_factory=FitsConfig)
+    """FITS only: keep float32 flux (CHW) or render uint8 RGB; which bands."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Object-storage settings (default: the standard AWS variables)."""
+
+    def __post_init__(self) -> None:
+        check(self.format in FORMATS, "format", f"must be one of {list(FORMATS)}, got {self.format!r}")
+        check(bool(self.src), "src", "is required")
+        check(bool(self.out), "out", "is required")
+        check(self.shard_rows >= 1, "shard_rows", "must be at least 1")
+        check(self.id_column is None or bool(self.id_column), "id_column", "must not be empty")
+
+
+# Settings that may change between a run and its rerun without changing the store's content.
+_RUN_ONLY_KEYS = ("overwrite", "storage")
+
+
+def read_catalog(uri: str, id_column: str, storage: StorageConfig) -> pa.Table:
+    """A catalog as an Arrow table keyed by ``object_id`` (string, unique, non-null)."""
+    import pyarrow.csv as pacsv
+
+    fs, path = check_access(uri, storage, must_exist=True)
+    low = path.lower()
+    if low.endswith((".parquet", ".pq")):
+        table = pq.read_table(path, filesystem=fs)
+    elif low.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
+        with fs.open_input_stream(path) as f:  # decompresses .gz by extension
+            table = pacsv.read_csv(
+                f, parse_options=pacsv.ParseOptions(delimiter="\t" if ".tsv" in low else ","),
+                convert_options=pacsv.ConvertOptions(column_types={id_column: pa.string()}))
+    else:
+        raise ConfigError("catalog", f"{uri}: expected a .csv, .tsv or .parquet file")
+    if id_column not in table.column_names:
+        raise ConfigError("id_column", f"catalog {uri} has no column {id_column!r} "
+                                       f"(columns: {', '.join(table.column_names[:12])})")
+    if id_column != ID_COLUMN and ID_COLUMN in table.column_names:
+        raise ConfigError("id_column", f"catalog {uri} has both {id_column!r} and {ID_COLUMN!r}: which is the id?")
+    if IMAGE_COLUMN in table.column_names:
+        raise ConfigError("catalog", f"catalog {uri} has an {IMAGE_COLUMN!r} column, which the store reserves")
+    ids = pc.cast(table.column(id_column), pa.string())
+    if ids.null_count:
+        raise ConfigError("catalog", f"catalog {uri} has {ids.null_count} row(s) without an {id_column}")
+    if pc.count_distinct(ids).as_py() != len(ids):
+        counts = pc.value_counts(ids)
+        dup = next(c["values"] for c in counts.to_pylist() if c["counts"] > 1)
+        raise ConfigError("catalog", f"catalog {uri} has duplicate ids in {id_column!r}, e.g. {dup!r}")
+    table = table.set_column(table.column_names.index(id_column), ID_COLUMN, ids)
+    return table.combine_chunks()
+
+
+def _check_rerun(job: IngestJob, fs: pafs.FileSystem, root: str, plan: Plan) -> None:
+    """Refuse to resume into a store written from other settings or another input (its shards would mix)."""
+    existing = {f.base_name for f in list_parquet(fs, root)}
+    if not existing:
+        return
+    planned = {shard_name(u.index) for u in plan.units}
+    if existing - planned:
+        raise ConfigError("out", f"{job.out} holds shard(s) this input does not plan ({sorted(existing - planned)[0]}, "
+                                 "...): use --overwrite or another --out")
+    if exists(join(job.out, CONFIG_NAME), job.storage):
+        old = yaml.safe_load(read_text(join(job.out, CONFIG_NAME), job.storage)) or {}
+        new = to_dict(job)
+        for key in _RUN_ONLY_KEYS:
+            old.pop(key, None)
+            new.pop(key, None)
+        if old != new:
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ConfigError("out", f"{job.out} was written with other settings ({', '.join(changed)} differ): "
+                                     "use --overwrite or another --out")
+
+
+def _clear(fs: pafs.FileSystem, root: str) -> None:
+    for sub in (root, f"{root}/{ERRORS_DIR}"):
+        for f in list_parquet(fs, sub):
+            fs.delete_file(f.path)
+
+
+def _footer_rows(fs: pafs.FileSystem, path: str) -> int:
+    return pq.ParquetFile(path, filesystem=fs).metadata.num_rows
+
+
+def run_unit(unit: Unit, job: IngestJob, ctx: ReadContext) -> dict[str, Any]:
+    """Convert one unit and write its shard (errors first, so a crash in between redoes the unit)."""
+    table, errors = convert_unit(unit, ctx)
+    fs, root = arrow_filesystem(job.out, job.storage)
+    err_path = f"{root}/{ERRORS_DIR}/{shard_name(unit.index)}"
+    if errors:
+        write_table(errors_table(errors), fs, err_path)
+    elif fs.get_file_info(err_path).type == pafs.FileType.File:  # left by an interrupted earlier attempt
+        fs.delete_file(err_path)
+    write_table(table, fs, f"{root}/{shard_name(unit.index)}")
+    return {"unit": unit.index, "rows_in": unit.rows, "rows_out": table.num_rows, "rows_errored": len(errors)}
+
+
+def ingest(job: IngestJob) -> StageSummary:
+    """Ingest ``job.src`` into the store at ``job.out``; returns the stage summary (already checked)."""
+    t0 = time.perf_counter()
+    job = dataclasses.replace(job, storage=job.storage.resolved())  # Ray workers do not see the driver's env
+    check_access(job.src, job.storage, must_exist=True)
+    fs, root = check_access(job.out, job.storage)
+
+    gz = job.format == "gz-parquet"
+    id_column = job.id_column or (DEFAULT_GZ_ID_COLUMN if gz else DEFAULT_CATALOG_ID_COLUMN)
+    plan = plan_units(job.format, job.src, job.storage, job.shard_rows, id_column if gz else None)
+    side, bands = probe(job.format, job.src, job.storage, plan, job.cutout, job.fits)
+    if job.cutout.size is None and side is None:
+        raise ConfigError("cutout.size", f"none of the first inputs of {job.src} could be read to learn the "
+                                         "native size: pass --size")
+    if job.format == "fits" and not (job.fits.bands or bands):
+        raise ConfigError("fits.bands", f"none of the first FITS files of {job.src} could be read to learn the "
+                                        "bands: set fits.bands")
+    size = job.cutout.output_size(side) if side is not None else job.cutout.size
+    job = dataclasses.replace(job, cutout=dataclasses.replace(job.cutout, size=size),
+                              fits=dataclasses.replace(job.fits, bands=job.fits.bands or bands))
+    spec = image_spec(job.format, size, job.fits.bands, job.fits)
+
+    catalog = read_catalog(job.catalog, id_column, job.storage) if job.catalog else None
+    if catalog is not None:
+        clash = sorted(set(catalog.column_names) & set(plan.label_columns))
+        if clash:
+            raise ConfigError("catalog", f"catalog columns {clash} clash with columns of the {job.format} input")
+
+    if job.overwrite:
+        _clear(fs, root)
+    else:
+        _check_rerun(job, fs, root, plan)
+    write_text(join(job.out, CONFIG_NAME), dumps(job), job.storage)
+
+    done = {f.base_name for f in list_parquet(fs, root)}
+    todo = [u for u in plan.units if shard_name(u.index) not in done]
+    metadata: dict[str, Any] = {"producer": "galray ingest", "format": job.format, "source": job.src,
+                                "crop_fraction": job.cutout.crop_fraction}
+    if job.format == "galaxy10-h5":
+        metadata["class_names"] = list(GALAXY10_CLASSES)
+    if job.format == "fits":
+        metadata.update(fits_mode=job.fits.mode, source_bands=list(job.fits.bands))
+    stats: list[dict[str, Any]] = []
+    if todo:
+        ensure_ray()
+        # The catalog goes to the object store once and is shared by every task (zero-copy Arrow).
+        catalog_ref = ray.put(catalog) if catalog is not None else None
+        base_ctx = ReadContext(format=job.format, src=job.src, storage=job.storage, spec=spec, policy=job.cutout,
+                               fits=job.fits, id_column=id_column, metadata=metadata)
+
+        def task(row: dict[str, Any]) -> dict[str, Any]:
+            ctx = base_ctx if catalog_ref is None else dataclasses.replace(base_ctx, catalog=ray.get(catalog_ref))
+            return run_unit(Unit.from_json(row["unit"]), job, ctx)
+
+        items = [{"unit": u.to_json()} for u in todo]
+        stats = ray.data.from_items(items, override_num_blocks=len(items)).map(task).take_all()
+    # Finished units of an earlier run count from their Parquet footers.
+    for u in plan.units:
+        if shard_name(u.index) in done:
+            err = f"{root}/{ERRORS_DIR}/{shard_name(u.index)}"
+            errored = _footer_rows(fs, err) if fs.get_file_info(err).type == pafs.FileType.File else 0
+            stats.append({"unit": u.index, "rows_in": u.rows, "rows_errored": errored,
+                          "rows_out": _footer_rows(fs, f"{root}/{shard_name(u.index)}")})
+    summary = StageSummary(stage="ingest", rows_in=plan.rows, rows_out=sum(s["rows_out"] for s in stats),
+                           rows_errored=sum(s["rows_errored"] for s in stats), seconds=time.perf_counter() - t0,
+                           output=job.out, skipped_shards=len(plan.units) - len(todo))
+    summary.check()
+    return summary
