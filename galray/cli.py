@@ -98,6 +98,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from galray.embed import EmbedJob, embed_store
+
+    job = _job_config(EmbedJob, args, _flags(**{
+        "input": args.input, "output": args.output, "model": args.model, "weights": args.weights,
+        "pretrained": False if args.random_init else None, "input_size": args.input_size,
+        "crop_fraction": args.crop_fraction, "batch_size": args.batch_size, "actors": args.actors,
+        "num_gpus": args.num_gpus, "overwrite": args.overwrite or None}))
+    print(embed_store(job).format())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from galray.demo import DemoConfig, run_demo
 
@@ -193,6 +205,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uri", help="store URI: folder, file:// or s3://bucket/prefix")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("embed", help="embed a cutout store with a backbone (timm, Zoobot, Euclid MAE, VQ-VAE)",
+                       formatter_class=_Formatter, epilog=EPILOG_S3, description=textwrap.dedent("""\
+        Stream a cutout store through a fixed pool of model replicas (Ray Data) into an embedding
+        store: one Parquet file per input shard (object_id, embedding as fixed-size float32 list,
+        provenance in the file metadata), rows that fail to decode or preprocess under _errors/.
+        CPU tasks decode, stretch, crop and resize; each actor loads the model once and runs it
+        under inference_mode (bf16 autocast and channels_last on GPU). Finished shards are skipped,
+        so an interrupted run resumes, and no row is ever written twice.
+        Models: any timm name (pretrained from the hub when online), hf_hub:owner/repo,
+        local-dir:/path/to/hub_copy, Zoobot encoders (hf_hub:mwalmsley/zoobot-encoder-convnext_nano),
+        the Euclid MAE ViT (mwalmsley/euclid_encoder_mae_zoobot_vit_small_patch8_224), or galray's
+        VQ-VAE encoder (vqvae:/path/to/checkpoint_dir). --weights loads a local safetensors file or a
+        tensor-only .pt; a pickle that would run code is refused."""))
+    p.add_argument("--input", help="cutout store URI (folder, file:// or s3://bucket/prefix)")
+    p.add_argument("--output", help="embedding store URI (folder, file:// or s3://bucket/prefix)")
+    p.add_argument("--model", help="backbone name, e.g. convnext_nano or hf_hub:mwalmsley/zoobot-encoder-convnext_nano")
+    p.add_argument("--weights", metavar="FILE", help="local weights file (safetensors or tensor-only .pt)")
+    p.add_argument("--random-init", action="store_true",
+                   help="random weights instead of the hub's pretrained ones (benchmarks, offline smoke tests)")
+    p.add_argument("--input-size", type=int, help="model input side in pixels [default: the model's native size]")
+    p.add_argument("--crop-fraction", type=float, help="keep this central fraction before resizing [config default: 1.0]")
+    p.add_argument("--batch-size", type=int, help="images per forward pass [config default: 64]")
+    p.add_argument("--actors", type=int, help="model replicas [config default: 0 = one per GPU, or CPUs/2 on CPU]")
+    p.add_argument("--num-gpus", type=float, help="GPUs per replica; fails at once if the cluster has none "
+                                                  "[config default: 0]")
+    p.add_argument("--overwrite", action="store_true", help="recompute shards whose output already exists")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("demo", help="run the pipeline end to end on a small simulated survey",
                        formatter_class=_Formatter, description=textwrap.dedent("""\

@@ -1,0 +1,540 @@
+"""`galray embed`: stream a cutout store through a pool of model replicas into an embedding store.
+
+The pipeline (Ray Data, streaming; nothing is held in memory whole)::
+
+    read_parquet(unfinished shards)            one read task per shard, object_id + image only
+      -> map_batches(preprocess_batch)         CPU tasks: decode, stretch, crop + resize, HWC -> CHW
+      -> map_batches(Embedder, actor pool)     fixed pool, each actor loads the model once;
+                                               inference_mode, bf16 autocast + channels_last on GPU
+      -> driver: regroup rows by source shard, write each finished shard once
+
+**Embedding store contract.** A folder (local or ``s3://``) of Parquet files, one per input shard
+and named like it (``shard-00042.parquet`` for the input's ``shard-00042.parquet``), with columns
+
+- ``object_id``: string, the input row's id, sorted within a file;
+- ``embedding``: ``fixed_size_list<float32>[D]``;
+
+and provenance in the Parquet schema metadata under ``galray`` (JSON): model name, weights hash
+(``sha256:...`` of the weights file, ``timm-pretrained:<source>`` or ``random-init:seed0``),
+preprocessing, galray version, embedding dim, source shard. Rows that could not be embedded go to
+``_errors/<shard stem>.parquet`` (``object_id, stage, reason, source_file``); valid plus errored
+rows equal the input rows of every shard.
+
+**Exactly once, resumable.** The unit of work is one input shard -> one output file:
+
+1. Before starting, shards whose output file exists are skipped (``overwrite`` recomputes them).
+   Output files are only ever written whole: atomically (temp file + rename locally; an S3 PUT is
+   atomic), and only once every row of their shard has come back. So an existing output file is
+   always a complete one, and an interrupted run resumes exactly where it stopped.
+2. A killed inference actor loses no rows and duplicates none: the pool runs with
+   ``max_restarts=-1, max_task_retries=-1``, so Ray restarts the actor and re-runs the batches it
+   held; a batch's output is only handed downstream once its task has finished. The driver also
+   drops any object_id it has already seen for a shard, so even a replayed batch cannot duplicate.
+3. The driver knows how many rows each shard has from its Parquet footer, so it knows when a shard
+   is complete; a shard that never completes fails the job instead of writing a partial file.
+
+Writes run on the driver in a small thread pool. Embeddings are small (D floats a row) and a shard
+leaves memory when it is written, so the driver's memory is bounded by the shards in flight.
+
+This module imports Ray and torch only inside functions: :func:`preprocess_batch` runs in plain
+CPU workers, :class:`Embedder` in the actors, and neither needs the other's imports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from galray import __version__
+from galray.config import ConfigError, check, dumps
+from galray.data.cutouts import (CropResizeConfig, CutoutError, StretchConfig, asinh_stretch, check_shape,
+                                 crop_resize, decode_image, flux_to_rgb)
+from galray.data.shards import (CONFIG_NAME, ERRORS_DIR, ID_COLUMN, IMAGE_COLUMN, META_KEY, ImageSpec,
+                                errors_table, list_parquet, read_metadata, write_table)
+from galray.stage_summary import StageSummary
+from galray.storage import StorageConfig, StorageError, arrow_filesystem, check_access, join, write_text
+
+if TYPE_CHECKING:
+    from galray.models.backbones import Backbone, BackboneConfig
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_COLUMN = "embedding"
+EMBED_STORE_VERSION = 1
+STAGE = "embed"
+PATH_COLUMN = "path"  # added by read_parquet(include_paths=True): the source shard of each row
+PIXELS_COLUMN = "pixels"
+ERROR_COLUMN = "error"
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    """`galray embed`: which store to embed, with which backbone, on what resources."""
+
+    input: str = ""
+    """Cutout store URI: a local folder, file:// or s3://bucket/prefix."""
+    output: str = ""
+    """Embedding store URI (same forms); one Parquet file per input shard."""
+    model: str = ""
+    """Backbone: timm name, hf_hub:owner/repo, local-dir:/path, mwalmsley/<zoobot repo>, or vqvae:/checkpoint_dir."""
+    weights: str | None = None
+    """Local weights file (safetensors, or a tensor-only .pt); must be readable where the actors run."""
+    pretrained: bool = True
+    """Fetch pretrained weights from the hub when no weights file is given; false: random init (tests, benchmarks)."""
+    input_size: int | None = None
+    """Model input side in pixels; default: the backbone's native size."""
+    normalization: Literal["auto", "model", "none"] = "auto"
+    """auto: Zoobot models get plain [0, 1], other timm models their pretrained mean/std; none: [0, 1]."""
+    crop_fraction: float = 1.0
+    """Keep this central fraction of each side before resizing (after a square centre crop)."""
+    stretch: StretchConfig = field(default_factory=StretchConfig)
+    """Flux -> display stretch for float (multi-band flux) stores; unused for uint8 colour images."""
+    batch_size: int = 64
+    """Images per forward pass (and per preprocessing task batch)."""
+    actors: int = 0
+    """Model replicas in the fixed actor pool; 0: one per num_gpus GPUs on GPU, CPUs / (2 cpus_per_actor) on CPU."""
+    num_gpus: float = 0.0
+    """GPUs per actor (0: CPU inference). Checked against the cluster before anything starts."""
+    cpus_per_actor: float = 1.0
+    """CPUs Ray reserves for each inference actor."""
+    torch_threads: int | None = None
+    """torch intra-op threads in each actor on CPU; default: Ray's OMP_NUM_THREADS (the actor's CPUs)."""
+    preprocess_cpus: float = 1.0
+    """CPUs per preprocessing task (a different resource shape from the actors, so Ray never fuses the two)."""
+    overwrite: bool = False
+    """Recompute shards whose output exists (default: skip them, so reruns resume)."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Object-storage settings for input and output (default: the standard AWS variables)."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.input), "input", "an input store URI is required")
+        check(bool(self.output), "output", "an output store URI is required")
+        check(bool(self.model.strip()), "model", "a backbone name is required, e.g. convnext_nano")
+        check(self.input.rstrip("/") != self.output.rstrip("/"), "output", "must differ from the input store")
+        check(self.input_size is None or self.input_size >= 8, "input_size", "must be at least 8 pixels")
+        check(0 < self.crop_fraction <= 1, "crop_fraction", "must be in (0, 1]")
+        check(self.batch_size >= 1, "batch_size", "must be at least 1")
+        check(self.actors >= 0, "actors", "must be >= 0 (0 = size the pool to the cluster)")
+        check(self.num_gpus >= 0, "num_gpus", "must be >= 0")
+        check(self.cpus_per_actor > 0, "cpus_per_actor", "must be positive")
+        check(self.torch_threads is None or self.torch_threads >= 1, "torch_threads", "must be at least 1")
+        check(self.preprocess_cpus > 0, "preprocess_cpus", "must be positive")
+
+    def backbone_config(self) -> "BackboneConfig":
+        from galray.models.backbones import BackboneConfig
+
+        return BackboneConfig(name=self.model, weights=self.weights, pretrained=self.pretrained,
+                              input_size=self.input_size, normalization=self.normalization)
+
+
+# --- preprocessing (CPU tasks) --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """How to turn one stored image into the backbone's pixels; derived from the store and the backbone."""
+
+    column: str
+    """Image column of the store."""
+    encoding: Literal["tensor", "encoded"]
+    """Fixed-shape tensor, or PNG/JPEG bytes."""
+    layout: Literal["HWC", "CHW"]
+    """Axis order of tensor images (encoded images decode to HWC)."""
+    size: int
+    """Output side in pixels (the backbone's input size)."""
+    in_chans: int
+    """Channels the backbone takes."""
+    float_input: bool
+    """Tensor images are float flux (stretched here) rather than uint8 display values."""
+    crop_fraction: float = 1.0
+    """Central fraction kept before resizing."""
+    stretch: StretchConfig = field(default_factory=StretchConfig)
+    """Flux stretch for float images."""
+
+    @property
+    def pixel_dtype(self) -> np.dtype:
+        """uint8 whenever the image becomes a colour rendering; float32 [0, 1] for n-band flux backbones."""
+        return np.dtype(np.float32) if self.float_input and self.in_chans != 3 else np.dtype(np.uint8)
+
+    def to_json(self) -> dict[str, Any]:
+        steps = ["decode"] if self.encoding == "encoded" else []
+        if self.float_input:
+            steps.append(f"asinh stretch (percentiles {self.stretch.lower_percentile}-{self.stretch.upper_percentile}, "
+                         f"Q={self.stretch.nonlinearity})" + (", bands -> RGB" if self.in_chans == 3 else ""))
+        steps += ["square centre crop", f"centre crop {self.crop_fraction}", f"resize {self.size} (PIL bilinear, antialiased)"]
+        return {"steps": steps, "size": self.size, "crop_fraction": self.crop_fraction, "in_chans": self.in_chans,
+                "source_layout": self.layout, "source_encoding": self.encoding, "float_input": self.float_input}
+
+
+def plan_for(schema: pa.Schema, size: int, in_chans: int, crop_fraction: float = 1.0,
+             stretch: StretchConfig = StretchConfig()) -> ImagePlan:
+    """The :class:`ImagePlan` for a store with this shard schema and a backbone with this input."""
+    meta = read_metadata(schema).get("image", {})
+    column = meta.get("column", IMAGE_COLUMN)
+    if column not in schema.names:
+        raise ValueError(f"the store has no image column {column!r} (columns: {', '.join(schema.names)})")
+    typ = schema.field(column).type
+    if pa.types.is_binary(typ) or pa.types.is_large_binary(typ) or meta.get("encoding", "tensor") != "tensor":
+        return ImagePlan(column, "encoded", "HWC", size, in_chans, False, crop_fraction, stretch)
+    spec = ImageSpec.from_json(meta) if meta else None
+    if spec is None:
+        from galray.data.shards import spec_from_schema
+
+        spec = spec_from_schema(schema)
+    if spec.dtype == "uint8" and in_chans not in (spec.channels, 3) and spec.channels != 1:
+        raise ValueError(f"the store's images have {spec.channels} channels but the backbone takes {in_chans}")
+    return ImagePlan(column, "tensor", spec.layout, size, in_chans, spec.dtype != "uint8", crop_fraction, stretch)
+
+
+def _match_channels(image_HWC: np.ndarray, in_chans: int) -> np.ndarray:
+    c = image_HWC.shape[2]
+    if c == in_chans:
+        return image_HWC
+    if c == 1:
+        return np.repeat(image_HWC, in_chans, axis=2)
+    if c == 4 and in_chans == 3:  # RGBA: drop alpha
+        return image_HWC[..., :3]
+    raise CutoutError(f"image has {c} channels, the backbone takes {in_chans}")
+
+
+def prepare_image(image: Any, plan: ImagePlan) -> np.ndarray:
+    """One stored image -> (C, S, S) pixels: uint8 0..255 or float32 in [0, 1]. Raises CutoutError."""
+    crop = CropResizeConfig(size=plan.size, crop_fraction=plan.crop_fraction)
+    if plan.encoding == "encoded":
+        img = decode_image(image)  # (H, W, 3) uint8
+    else:
+        img = np.asarray(image)
+    if not plan.float_input:
+        if plan.layout == "CHW" and plan.encoding == "tensor":
+            img = np.moveaxis(img, 0, -1)
+        check_shape(img, layout="HWC")
+        img = crop_resize(_match_channels(img, plan.in_chans), crop, "HWC")
+        return np.ascontiguousarray(img.transpose(2, 0, 1))
+    flux = img if plan.layout == "CHW" else np.moveaxis(img, -1, 0)
+    check_shape(flux, layout="CHW")
+    if plan.in_chans == 3:  # colour backbone: the survey's usual colour rendering of the bands
+        rgb = crop_resize(flux_to_rgb(flux, plan.stretch), crop, "HWC")
+        return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+    if flux.shape[0] != plan.in_chans:
+        raise CutoutError(f"image has {flux.shape[0]} bands, the backbone takes {plan.in_chans}")
+    return crop_resize(asinh_stretch(flux, plan.stretch), crop, "CHW").astype(np.float32)
+
+
+def preprocess_batch(batch: dict[str, np.ndarray], plan: ImagePlan) -> dict[str, np.ndarray]:
+    """Ray Data batch (object_id, image, path) -> (object_id, path, pixels (N, C, S, S), error).
+
+    A row that fails keeps its place with blank pixels and its reason in ``error`` (empty when
+    fine), so every input row reaches the writer and the shard's row count adds up.
+    """
+    images = batch[plan.column]
+    n = len(batch[ID_COLUMN])
+    pixels = np.zeros((n, plan.in_chans, plan.size, plan.size), plan.pixel_dtype)
+    errors = np.full(n, "", dtype=object)
+    for i in range(n):
+        try:
+            pixels[i] = prepare_image(images[i], plan)
+        except CutoutError as err:
+            errors[i] = f"preprocess: {err}"
+    return {ID_COLUMN: batch[ID_COLUMN], PATH_COLUMN: batch[PATH_COLUMN], PIXELS_COLUMN: pixels, ERROR_COLUMN: errors}
+
+
+# --- inference (actors) ---------------------------------------------------------------------------
+
+class Embedder:
+    """Callable class for ``map_batches``: loads the backbone once per actor, then embeds batches.
+
+    Runs on CUDA when the actor sees a GPU (bf16 autocast, channels_last), else on CPU in float32.
+    Rows whose preprocessing failed pass through with NaN embeddings and their error.
+    """
+
+    def __init__(self, backbone: "BackboneConfig", dim: int, torch_threads: int | None = None):
+        import torch
+
+        from galray.models.backbones import create_backbone
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        built = create_backbone(backbone)
+        self.prep = built.preprocessing
+        self.dim = dim
+        self.on_gpu = self.device.type == "cuda"
+        model = built.model.to(self.device)
+        self.model = model.to(memory_format=torch.channels_last) if self.on_gpu else model
+
+    def embed_pixels(self, pixels_BCHW: np.ndarray) -> np.ndarray:
+        """(B, C, S, S) uint8 or float [0, 1] pixels -> (B, D) float32 embeddings."""
+        import torch
+
+        from galray.models.backbones import to_model_input
+
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.on_gpu):
+            # uint8 crosses to the device as is (a quarter of float32's bytes); scaling happens there.
+            x = to_model_input(torch.from_numpy(np.ascontiguousarray(pixels_BCHW)).to(self.device), self.prep)
+            if self.on_gpu:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out = self.model(x)
+        return out.float().cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        errors = batch[ERROR_COLUMN]
+        ok = errors == ""
+        emb = np.full((len(errors), self.dim), np.nan, np.float32)
+        if ok.any():
+            emb[ok] = self.embed_pixels(batch[PIXELS_COLUMN][ok])
+        return {ID_COLUMN: batch[ID_COLUMN], PATH_COLUMN: batch[PATH_COLUMN], EMBEDDING_COLUMN: emb,
+                ERROR_COLUMN: errors}
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+def shard_stem(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    return name[: -len(".parquet")] if name.endswith(".parquet") else name
+
+
+def embedding_table(ids: np.ndarray, emb_ND: np.ndarray, metadata: dict[str, Any]) -> pa.Table:
+    """The embedding store's table: object_id (sorted) and embedding fixed_size_list<float32>[D]."""
+    order = np.argsort(np.asarray(ids, dtype=str), kind="stable")
+    dim = int(metadata["embedding_dim"])
+    flat = pa.array(np.ascontiguousarray(emb_ND[order], dtype=np.float32).reshape(-1), pa.float32())
+    table = pa.table({ID_COLUMN: pa.array([str(i) for i in np.asarray(ids)[order]], pa.string()),
+                      EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(flat, dim)})
+    return table.replace_schema_metadata({META_KEY: json.dumps(metadata, sort_keys=True).encode()})
+
+
+def write_shard_output(rows: dict[str, np.ndarray], stem: str, source: str, fs: pafs.FileSystem, root: str,
+                       provenance: dict[str, Any]) -> tuple[int, int]:
+    """Write one shard's embeddings (and errors, if any); returns (rows written, rows errored).
+
+    The errors file is written (or a stale one removed) first and the embedding file last, so an
+    existing embedding file always means the shard is completely done.
+    """
+    ok = rows[ERROR_COLUMN] == ""
+    err_path = f"{root}/{ERRORS_DIR}/{stem}.parquet"
+    if (~ok).any():
+        write_table(errors_table([{"object_id": i, "stage": STAGE, "reason": r, "source_file": source}
+                                  for i, r in zip(rows[ID_COLUMN][~ok], rows[ERROR_COLUMN][~ok])]), fs, err_path)
+    elif fs.get_file_info(err_path).type != pafs.FileType.NotFound:
+        fs.delete_file(err_path)  # from an earlier run; this run embedded every row
+    meta = {**provenance, "source_file": source, "rows": int(ok.sum())}
+    write_table(embedding_table(rows[ID_COLUMN][ok], rows[EMBEDDING_COLUMN][ok], meta), fs, f"{root}/{stem}.parquet")
+    return int(ok.sum()), int((~ok).sum())
+
+
+class ShardCollector:
+    """Regroups streamed rows by source shard and writes each shard once all its rows are in."""
+
+    def __init__(self, expected: dict[str, int], sources: dict[str, str], fs: pafs.FileSystem, root: str,
+                 provenance: dict[str, Any], write_threads: int = 4):
+        self.expected = expected  # stem -> rows in the input shard (from its footer)
+        self.sources = sources  # stem -> input shard URI
+        self.fs, self.root, self.provenance = fs, root, provenance
+        self.parts: dict[str, list[dict[str, np.ndarray]]] = defaultdict(list)
+        self.seen: dict[str, set[str]] = defaultdict(set)
+        self.duplicates = 0
+        self.pool = ThreadPoolExecutor(max_workers=write_threads)
+        self.futures: list[Future] = []
+        self.done: set[str] = set()
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        stems = np.array([shard_stem(p) for p in batch[PATH_COLUMN]])
+        for stem in np.unique(stems):
+            if stem in self.done or stem not in self.expected:
+                raise RuntimeError(f"rows of {stem} arrived after it was written (or it was never scheduled)")
+            sel = stems == stem
+            ids = [str(i) for i in batch[ID_COLUMN][sel]]
+            # A replayed batch must never duplicate a row: keep the first copy of each object_id.
+            fresh = np.array([i not in self.seen[stem] for i in ids], dtype=bool)
+            self.duplicates += int((~fresh).sum())
+            self.seen[stem].update(ids)
+            keep = np.flatnonzero(sel)[fresh]
+            self.parts[stem].append({k: batch[k][keep] for k in (ID_COLUMN, EMBEDDING_COLUMN, ERROR_COLUMN)})
+            if len(self.seen[stem]) == self.expected[stem]:
+                self._flush(stem)
+        self._raise_failed_writes()
+
+    def _flush(self, stem: str) -> None:
+        parts = self.parts.pop(stem)
+        rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        del self.seen[stem]
+        self.done.add(stem)
+        self.futures.append(self.pool.submit(write_shard_output, rows, stem, self.sources[stem], self.fs,
+                                             self.root, self.provenance))
+
+    def flush_empty(self) -> None:
+        """Shards with zero rows get an (empty) output file too, so reruns skip them."""
+        for stem, n in self.expected.items():
+            if n == 0 and stem not in self.done:
+                self.parts[stem].append({ID_COLUMN: np.array([], object),
+                                         EMBEDDING_COLUMN: np.zeros((0, self.provenance["embedding_dim"]), np.float32),
+                                         ERROR_COLUMN: np.array([], object)})
+                self._flush(stem)
+
+    def _raise_failed_writes(self) -> None:
+        for f in [f for f in self.futures if f.done()]:
+            f.result()  # re-raises a write error in the driver
+
+    def finish(self) -> tuple[int, int]:
+        """Wait for the writes; returns (rows written, rows errored). Raises if any shard is incomplete."""
+        self.flush_empty()
+        results = [f.result() for f in self.futures]
+        self.pool.shutdown()
+        incomplete = {s: (len(self.seen.get(s, ())), n) for s, n in self.expected.items() if s not in self.done}
+        if incomplete:
+            detail = ", ".join(f"{s}: {got} of {n} rows" for s, (got, n) in list(incomplete.items())[:5])
+            raise RuntimeError(f"{len(incomplete)} shard(s) incomplete, nothing written for them ({detail}); "
+                               f"are object_ids unique within each input shard?")
+        return sum(r[0] for r in results), sum(r[1] for r in results)
+
+
+# --- the job --------------------------------------------------------------------------------------
+
+def _footer_rows(fs: pafs.FileSystem, paths: list[str]) -> list[int]:
+    """Row counts from the Parquet footers (one small ranged read per shard, in parallel)."""
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(lambda p: pq.ParquetFile(p, filesystem=fs).metadata.num_rows, paths))
+
+
+def _pool_size(job: EmbedJob) -> int:
+    """Fixed actor-pool size, after checking the cluster can host it (fail now, not after Ray's timeout)."""
+    import ray
+
+    from galray.session import cluster_gpus
+
+    gpus, cpus = cluster_gpus(), float(ray.cluster_resources().get("CPU", 0.0))
+    if job.num_gpus > 0:
+        if gpus == 0:
+            raise ConfigError("num_gpus", f"asks for {job.num_gpus:g} GPU(s) per actor, but the Ray cluster has no "
+                              f"GPUs; use --num-gpus 0 to run on CPU (Ray would otherwise wait for GPUs that never come)")
+        n = job.actors or int(gpus // job.num_gpus)
+        if n < 1 or n * job.num_gpus > gpus:
+            raise ConfigError("actors", f"{max(n, 1)} actor(s) x {job.num_gpus:g} GPU(s) need "
+                              f"{max(n, 1) * job.num_gpus:g} GPUs, but the Ray cluster has {gpus:g}")
+    else:
+        n = job.actors or max(1, int(cpus // (2 * job.cpus_per_actor)))
+    if n * job.cpus_per_actor + job.preprocess_cpus > cpus:
+        raise ConfigError("actors", f"{n} actor(s) x {job.cpus_per_actor:g} CPU(s) plus {job.preprocess_cpus:g} CPU "
+                          f"for preprocessing need {n * job.cpus_per_actor + job.preprocess_cpus:g} CPUs, but the Ray "
+                          f"cluster has {cpus:g}; lower --actors or cpus_per_actor")
+    return n
+
+
+def preprocess_memory(plan: ImagePlan, batch_size: int) -> int:
+    """Bytes a preprocessing task reserves: a batch of output pixels plus decode/resize working copies."""
+    pixels = batch_size * plan.in_chans * plan.size * plan.size * plan.pixel_dtype.itemsize
+    return max(512 << 20, 4 * pixels + (256 << 20))  # a Ray worker with pyarrow, PIL, numpy and a batch: ~270 MiB
+
+
+def provenance(job: EmbedJob, backbone: "Backbone", dim: int, plan: ImagePlan) -> dict[str, Any]:
+    return {"embed_store_version": EMBED_STORE_VERSION, "producer": "galray embed", "galray_version": __version__,
+            "model": job.model, "weights": backbone.weights_id, "embedding_dim": dim,
+            "preprocessing": {**plan.to_json(), "model_input": backbone.preprocessing.to_json()},
+            "input": job.input}
+
+
+def embed_store(job: EmbedJob, embedder_cls: type[Embedder] = Embedder) -> StageSummary:
+    """Embed every unfinished shard of ``job.input`` into ``job.output``; returns the stage summary.
+
+    ``embedder_cls`` may be a subclass of :class:`Embedder` (test-time augmentation, instrumentation).
+    """
+    import ray
+
+    from galray.models.backbones import create_backbone, embedding_dim
+    from galray.session import ensure_ray
+
+    t0 = time.perf_counter()
+    job = dataclasses.replace(job, storage=job.storage.resolved())  # workers don't see the driver's env
+    fs_in, in_root = check_access(job.input, job.storage, must_exist=True)
+    fs_out, out_root = check_access(job.output, job.storage)
+    shards = list_parquet(fs_in, in_root)
+    if not shards:
+        raise StorageError(f"{job.input} holds no Parquet shards")
+
+    done = set() if job.overwrite else {f.base_name for f in list_parquet(fs_out, out_root)}
+    todo = [s for s in shards if s.base_name not in done]
+    rows = dict(zip((shard_stem(s.path) for s in todo), _footer_rows(fs_in, [s.path for s in todo])))
+    sources = {shard_stem(s.path): join(job.input, s.base_name) for s in todo}
+    actors = 0
+    if any(rows.values()):
+        ensure_ray()
+        actors = _pool_size(job)  # before anything else: no GPUs -> fail now
+
+    # Build the backbone here once: a bad name, an unsafe or mismatched weights file, or a missing
+    # checkpoint fails now, before the actors start; it also gives D for the output schema.
+    backbone = create_backbone(job.backbone_config())
+    dim = embedding_dim(backbone)
+    prep = backbone.preprocessing
+    plan = plan_for(pq.read_schema(shards[0].path, filesystem=fs_in), prep.input_size, prep.in_chans,
+                    job.crop_fraction, job.stretch)
+    meta = provenance(job, backbone, dim, plan)
+    del backbone
+
+    write_text(join(job.output, CONFIG_NAME), dumps(job), job.storage)
+    collector = ShardCollector(rows, sources, fs_out, out_root, meta)
+    if actors:
+        ds = ray.data.read_parquet([s.path for s in todo if rows[shard_stem(s.path)] > 0], filesystem=fs_in,
+                                   include_paths=True, partitioning=None)
+        ds = ds.select_columns([ID_COLUMN, plan.column, PATH_COLUMN])  # pushed down into the Parquet read
+        # Preprocessing declares its memory and the actors do not: different resource shapes keep Ray
+        # from fusing the two stages, which would run the CPU work serially inside the model's actor.
+        ds = ds.map_batches(preprocess_batch, fn_kwargs={"plan": plan}, batch_size=job.batch_size,
+                            batch_format="numpy", num_cpus=job.preprocess_cpus,
+                            memory=preprocess_memory(plan, job.batch_size))
+        # The fixed pool restarts a killed actor and re-runs the batches it held: Ray Data's actor
+        # pools default to max_restarts=-1, max_task_retries=-1, which exactly-once output relies on.
+        ds = ds.map_batches(
+            embedder_cls, fn_constructor_kwargs={"backbone": job.backbone_config(), "dim": dim,
+                                                 "torch_threads": job.torch_threads},
+            compute=ray.data.ActorPoolStrategy(size=actors), batch_size=job.batch_size, batch_format="numpy",
+            num_gpus=job.num_gpus or None, num_cpus=job.cpus_per_actor)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            collector.add(batch)
+    written, errored = collector.finish()
+    if collector.duplicates:
+        log.warning("dropped %d replayed duplicate row(s)", collector.duplicates)
+    summary = StageSummary(stage=STAGE, rows_in=sum(rows.values()), rows_out=written, rows_errored=errored,
+                           seconds=time.perf_counter() - t0, output=job.output, skipped_shards=len(shards) - len(todo))
+    summary.check()
+    return summary
+
+
+def embed_dataset(input: str, output: str, model: str, *, weights: str | None = None, batch_size: int = 64,
+                  actors: int = 0, num_gpus: float = 0.0, storage: StorageConfig | None = None,
+                  **options: Any) -> StageSummary:
+    """Library entry point: embed the cutout store ``input`` into ``output`` with backbone ``model``.
+
+    ``options`` are any other :class:`EmbedJob` fields (pretrained, input_size, crop_fraction,
+    cpus_per_actor, torch_threads, overwrite, ...).
+    """
+    job = EmbedJob(input=input, output=output, model=model, weights=weights, batch_size=batch_size, actors=actors,
+                   num_gpus=float(num_gpus), storage=storage or StorageConfig(), **options)
+    return embed_store(job)
+
+
+def read_embeddings(uri: str, storage: StorageConfig | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """``(object_ids, embeddings (N, D) float32, provenance of the first file)`` of a whole embedding store.
+
+    For analysis and tests on stores that fit in memory; Ray-scale readers use ``ray.data.read_parquet``.
+    """
+    fs, root = arrow_filesystem(uri, storage)
+    files = list_parquet(fs, root)
+    if not files:
+        raise StorageError(f"{uri} holds no embedding files")
+    tables = [pq.read_table(f.path, filesystem=fs) for f in files]
+    meta = read_metadata(tables[0].schema)
+    table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+    col = table.column(EMBEDDING_COLUMN).combine_chunks()
+    dim = col.type.list_size
+    emb = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+    return np.asarray(table.column(ID_COLUMN).to_pylist(), dtype=object), emb, meta

@@ -1,0 +1,287 @@
+"""`galray embed`: backbones, safe weights, preprocessing, and the Ray Data pipeline end to end.
+
+Pipeline tests use timm's tiny ``test_convnext`` at 32 px on 3 shards x 8 rows, and share one
+local Ray (``ray_session``); the rest run without Ray.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from galray.config import ConfigError
+from galray.data.cutouts import CutoutError, encode_png
+from galray.data.shards import ERRORS_DIR, ImageSpec, list_parquet, make_table, shard_name, write_table
+from galray.embed import (EMBEDDING_COLUMN, EmbedJob, Embedder, ImagePlan, embed_dataset, embed_store, plan_for,
+                          prepare_image, preprocess_batch, read_embeddings)
+from galray.models.backbones import (BackboneConfig, BackboneError, UnsafeWeightsError, create_backbone,
+                                     embedding_dim, load_weights_file, to_model_input)
+from galray.storage import arrow_filesystem
+
+SIZE = 32
+MODEL = "test_convnext"
+
+
+def _write_store(uri: str, shards: int = 3, rows: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+    """A uint8 HWC store at the model's input size; returns {object_id: image}."""
+    spec = ImageSpec(shape=(SIZE, SIZE, 3), bands=("g", "r", "z"))
+    rng = np.random.default_rng(seed)
+    fs, root = arrow_filesystem(uri)
+    out = {}
+    for s in range(shards):
+        ids = np.array([f"obj-{s * rows + i:05d}" for i in range(rows)], dtype=object)
+        images = rng.integers(0, 256, (rows, *spec.shape), dtype=np.uint8)
+        write_table(make_table({"object_id": ids, "image": images, "ra": rng.uniform(0, 360, rows)}, spec),
+                    fs, f"{root}/{shard_name(s)}")
+        out.update(zip(ids, images))
+    return out
+
+
+def _write_png_store(uri: str, bad: set[str], shards: int = 3, rows: int = 8) -> dict[str, np.ndarray]:
+    """A store of PNG bytes at the model's size, corrupt for the ids in ``bad``; returns {id: image} of the good
+    rows, decoded here with PIL directly (independently of galray's preprocessing)."""
+    rng = np.random.default_rng(1)
+    fs, root = arrow_filesystem(uri)
+    good = {}
+    for s in range(shards):
+        ids = [f"png-{s * rows + i:05d}" for i in range(rows)]
+        blobs = [b"\x89PNG\r\n\x1a\n truncated" if i in bad else encode_png(rng.integers(0, 256, (SIZE, SIZE, 3), np.uint8))
+                 for i in ids]
+        write_table(pa.table({"object_id": ids, "image": pa.array(blobs, pa.binary())}), fs, f"{root}/{shard_name(s)}")
+        good.update({i: np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for i, b in zip(ids, blobs) if i not in bad})
+    return good
+
+
+def _reference(images_NHWC: np.ndarray, weights: Path) -> np.ndarray:
+    """The model applied directly: [0, 1], test_convnext's mean/std 0.5, no resize at the native size."""
+    model = create_backbone(BackboneConfig(MODEL, weights=str(weights), input_size=SIZE)).model
+    x = torch.from_numpy(images_NHWC).permute(0, 3, 1, 2).float() / 255.0
+    with torch.inference_mode():
+        return model((x - 0.5) / 0.5).numpy()
+
+
+def _output_ids(uri: str) -> list[str]:
+    fs, root = arrow_filesystem(uri)
+    return [i for f in list_parquet(fs, root) for i in pq.read_table(f.path, filesystem=fs).column("object_id").to_pylist()]
+
+
+# --- backbones and weights (no Ray) ---------------------------------------------------------------
+
+def test_weights_load_safely_and_malicious_pickle_is_refused(tmp_path):
+    torch.manual_seed(1)
+    src = create_backbone(BackboneConfig(MODEL, pretrained=False, input_size=SIZE))
+    state = {k: v.clone() for k, v in src.model.state_dict().items()}
+    x = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        want = src.model(to_model_input(x, src.preprocessing))
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "w.pt")
+    for name in ("w.safetensors", "w.pt"):
+        b = create_backbone(BackboneConfig(MODEL, weights=str(tmp_path / name), input_size=SIZE))
+        with torch.no_grad():
+            assert torch.allclose(b.model(to_model_input(x, b.preprocessing)), want, atol=1e-6)
+        assert b.weights_id.startswith("sha256:") and len(b.weights_id) == 7 + 64
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"weight": Exploit()}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafeWeightsError, match="refusing to load .*evil.pt"):
+        load_weights_file(tmp_path / "evil.pt")
+    with pytest.raises(UnsafeWeightsError):
+        create_backbone(BackboneConfig(MODEL, weights=str(tmp_path / "evil.pt")))
+    assert not marker.exists()
+
+    save_file({"stem.0.weight": torch.zeros(1)}, str(tmp_path / "wrong.safetensors"))  # wrong shape
+    with pytest.raises(BackboneError, match="does not fit"):
+        create_backbone(BackboneConfig(MODEL, weights=str(tmp_path / "wrong.safetensors")))
+    save_file({"stem.0.weight": state["stem.0.weight"]}, str(tmp_path / "wrong.safetensors"))  # most keys missing
+    with pytest.raises(BackboneError, match="does not fit"):
+        create_backbone(BackboneConfig(MODEL, weights=str(tmp_path / "wrong.safetensors")))
+    with pytest.raises(BackboneError, match="unknown model"):
+        create_backbone(BackboneConfig("no_such_model_xyz", pretrained=False))
+
+
+def test_random_init_is_the_same_in_every_replica():
+    a = create_backbone(BackboneConfig(MODEL, pretrained=False)).model.state_dict()
+    torch.manual_seed(123)  # the caller's RNG state must not matter
+    b = create_backbone(BackboneConfig(MODEL, pretrained=False)).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_euclid_mae_vit_is_registered_with_mean_pooled_tokens():
+    b = create_backbone(BackboneConfig("mwalmsley/euclid_encoder_mae_zoobot_vit_small_patch8_224", pretrained=False))
+    m = b.model
+    assert (m.embed_dim, m.patch_embed.patch_size, len(m.blocks), m.num_features) == (384, (8, 8), 12, 384)
+    assert b.preprocessing.input_size == 224 and b.preprocessing.mean is None  # Zoobot: plain [0, 1]
+    tokens = torch.randn(2, m.num_prefix_tokens + 28 * 28, 384)
+    with torch.no_grad():
+        pooled = m.forward_head(tokens)
+        assert torch.allclose(pooled, m.fc_norm(tokens[:, m.num_prefix_tokens:].mean(1)), atol=1e-5)
+    # Zoobot encoders resolve offline to their timm architecture (640-d for convnext_nano), also headless.
+    z = create_backbone(BackboneConfig("hf_hub:mwalmsley/zoobot-encoder-convnext_nano", pretrained=False))
+    assert z.model.num_features == 640 and z.preprocessing.mean is None and z.model.num_classes == 0
+
+
+def test_vqvae_checkpoint_backbone_gives_pooled_latents(tmp_path):
+    vqvae_mod = pytest.importorskip("galray.models.vqvae")
+    from galray.models.checkpoint import save_model
+
+    cfg = vqvae_mod.VQVAEConfig(image_size=16, latent_size=4, channels=(8, 8), code_dim=8, codebook_size=16,
+                                kmeans_init=False)
+    vq = vqvae_mod.VQVAE(cfg).eval()
+    save_model(vq, tmp_path / "ckpt")
+    b = create_backbone(BackboneConfig(f"vqvae:{tmp_path / 'ckpt'}"))
+    assert b.preprocessing.input_size == 16 and embedding_dim(b) == 8
+    x01 = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(b.model(to_model_input(x01, b.preprocessing)), vq.embed(x01 * 2 - 1), atol=1e-5)
+
+
+def test_preprocessing_paths_and_errors():
+    # uint8 HWC -> uint8 CHW at the model size
+    plan = ImagePlan("image", "tensor", "HWC", size=16, in_chans=3, float_input=False)
+    out = prepare_image(np.full((40, 30, 3), 7, np.uint8), plan)
+    assert out.shape == (3, 16, 16) and out.dtype == np.uint8 and (out == 7).all()
+    # float flux CHW (4 bands) -> colour rendering for a 3-channel backbone; an all-NaN cutout is an error
+    schema = make_table({"object_id": np.array(["a"], object), "image": np.ones((1, 4, 20, 20), np.float32)},
+                        ImageSpec(shape=(4, 20, 20), layout="CHW", dtype="float32")).schema
+    fplan = plan_for(schema, size=16, in_chans=3)
+    assert fplan.float_input and fplan.pixel_dtype == np.uint8
+    flux = np.random.default_rng(0).normal(size=(2, 4, 20, 20)).astype(np.float32)
+    flux[1] = np.nan
+    batch = preprocess_batch({"object_id": np.array(["a", "b"], object), "image": flux,
+                              "path": np.array(["s/shard-00000.parquet"] * 2, object)}, fplan)
+    assert batch["pixels"].shape == (2, 3, 16, 16) and list(batch["error"] != "") == [False, True]
+    assert "NaN" in batch["error"][1]
+    # encoded bytes: a truncated PNG is a CutoutError with a reason
+    eplan = ImagePlan("image", "encoded", "HWC", size=16, in_chans=3, float_input=False)
+    assert prepare_image(encode_png(np.zeros((8, 8, 3), np.uint8)), eplan).shape == (3, 16, 16)
+    with pytest.raises(CutoutError, match="decode|truncated"):
+        prepare_image(b"\x89PNG\r\n\x1a\n broken", eplan)
+
+
+def test_models_and_embed_module_stay_free_of_the_ray_layer():
+    code = ("import sys, galray.embed; bad = {'ray', 'mlflow', 'boto3', 'torch'} & set(sys.modules); "
+            "import galray.models.backbones; bad |= {'ray', 'mlflow', 'boto3'} & set(sys.modules); print(sorted(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_config_is_validated():
+    with pytest.raises(ConfigError, match="batch_size"):
+        EmbedJob(input="a", output="b", model=MODEL, batch_size=0)
+    with pytest.raises(ConfigError, match="output"):
+        EmbedJob(input="a", output="a/", model=MODEL)
+
+
+# --- the pipeline (one shared local Ray) ----------------------------------------------------------
+
+def test_s3_pipeline_equals_direct_model_writes_errors_and_resumes(s3_env, ray_session, tmp_path):
+    """S3 in and out: embeddings equal the model applied directly, ids are the input's minus the
+    errored ones (no duplicates), and after one output is deleted a rerun recomputes only that shard."""
+    bad = {"png-00003", "png-00017"}
+    src, dst = f"s3://{s3_env}/cutouts", f"s3://{s3_env}/embeddings"
+    images = _write_png_store(src, bad)
+    torch.manual_seed(7)  # weights unlike the seeded random init, passed to the actors as a file
+    model = create_backbone(BackboneConfig(MODEL, pretrained=False, input_size=SIZE)).model
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    weights = tmp_path / "w.safetensors"
+    save_file(model.state_dict(), str(weights))
+
+    summary = embed_dataset(src, dst, MODEL, weights=str(weights), input_size=SIZE, batch_size=5, actors=1)
+    assert (summary.rows_in, summary.rows_out, summary.rows_errored, summary.skipped_shards) == (24, 22, 2, 0)
+    ids, emb, meta = read_embeddings(dst)
+    assert len(ids) == len(set(ids)) and set(ids) == set(images) - bad
+    np.testing.assert_allclose(emb, _reference(np.stack([images[i] for i in ids]), weights), rtol=1e-4, atol=1e-5)
+    assert meta["model"] == MODEL and meta["weights"].startswith("sha256:") and meta["embedding_dim"] == 64
+    assert meta["preprocessing"]["model_input"]["input_size"] == SIZE and meta["galray_version"]
+    fs, root = arrow_filesystem(dst)
+    assert pq.read_schema(f"{root}/shard-00001.parquet", filesystem=fs).field(EMBEDDING_COLUMN).type == \
+        pa.list_(pa.float32(), 64)
+    errors = pa.concat_tables(pq.read_table(f.path, filesystem=fs) for f in list_parquet(fs, f"{root}/{ERRORS_DIR}"))
+    assert set(errors.column("object_id").to_pylist()) == bad
+    assert set(errors.column("stage").to_pylist()) == {"embed"}
+    assert all("decode" in r or "truncated" in r for r in errors.column("reason").to_pylist())
+    assert all(s.startswith(f"{src}/shard-") for s in errors.column("source_file").to_pylist())
+
+    # Delete one output (a shard with an errored row): a rerun recomputes that shard only, identically,
+    # and leaves the others untouched.
+    before = {f.base_name: f.mtime_ns for f in list_parquet(fs, root)}
+    old = pq.read_table(f"{root}/shard-00002.parquet", filesystem=fs)
+    fs.delete_file(f"{root}/shard-00002.parquet")
+    again = embed_dataset(src, dst, MODEL, weights=str(weights), input_size=SIZE, batch_size=5, actors=1)
+    assert (again.rows_in, again.rows_out, again.rows_errored, again.skipped_shards) == (8, 7, 1, 2)
+    after = {f.base_name: f.mtime_ns for f in list_parquet(fs, root)}
+    assert after.keys() == before.keys()
+    assert all(after[k] == before[k] for k in after if k != "shard-00002.parquet")
+    new = pq.read_table(f"{root}/shard-00002.parquet", filesystem=fs)
+    assert new.column("object_id").equals(old.column("object_id"))
+    np.testing.assert_allclose(np.stack(new.column(EMBEDDING_COLUMN).to_numpy(zero_copy_only=False)),
+                               np.stack(old.column(EMBEDDING_COLUMN).to_numpy(zero_copy_only=False)), atol=1e-6)
+    assert sorted(_output_ids(dst)) == sorted(ids)
+    assert pq.read_table(f"{root}/{ERRORS_DIR}/shard-00002.parquet", filesystem=fs).column("object_id").to_pylist() \
+        == ["png-00017"]
+
+
+def test_killed_inference_actor_still_gives_exactly_once_output(tmp_path, ray_session):
+    images = _write_store(str(tmp_path / "in"), shards=4, rows=6)
+    pids = tmp_path / "pids"
+
+    class SlowEmbedder(Embedder):  # defined here, so Ray ships it by value to the actor
+        def __call__(self, batch):
+            with open(pids, "a") as f:
+                f.write(f"{os.getpid()}\n")
+            time.sleep(0.25)  # keeps the run long enough to kill the actor in the middle of it
+            return super().__call__(batch)
+
+    killed: list[int] = []
+
+    def kill_first_actor():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if pids.exists() and pids.read_text().strip():
+                pid = int(pids.read_text().split()[0])
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_first_actor, daemon=True)
+    killer.start()
+    job = EmbedJob(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=MODEL, pretrained=False,
+                   input_size=SIZE, batch_size=2, actors=1)
+    summary = embed_store(job, embedder_cls=SlowEmbedder)
+    killer.join(5)
+    served = {int(p) for p in pids.read_text().split()}
+    assert killed and len(served) >= 2, "the actor was not killed and replaced mid-run"
+    assert (summary.rows_in, summary.rows_out, summary.rows_errored) == (24, 24, 0)
+    out_ids = _output_ids(str(tmp_path / "out"))
+    assert len(out_ids) == len(set(out_ids)) and set(out_ids) == set(images)
+
+
+def test_gpus_requested_without_gpus_fail_at_once(tmp_path, ray_session):
+    _write_store(str(tmp_path / "in"), shards=1, rows=2)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="num_gpus: .*no GPUs"):
+        embed_dataset(str(tmp_path / "in"), str(tmp_path / "out"), MODEL, pretrained=False, num_gpus=1)
+    assert time.perf_counter() - t0 < 60
+    assert not list((tmp_path / "out").glob("*.parquet"))
