@@ -117,6 +117,29 @@ def _endpoint_parts(endpoint: str) -> tuple[str, str]:
     return parsed.scheme or "https", parsed.netloc or parsed.path
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem with AWS standard retries, keeping ``max_attempts`` when pickled.
+
+    pyarrow's own pickling (``S3FileSystem.__reduce__``, checked on pyarrow 25) leaves the retry
+    strategy out (apache/arrow GH-47348), so the copy that Ray ships to its tasks silently fell back to
+    pyarrow's default of 3 attempts: the configured retries held on the driver only.
+    tests/test_flaky_storage.py holds this.
+    """
+
+    def __init__(self, *, max_attempts: int, **kwargs):
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts), **kwargs)
+        self.max_attempts = max_attempts
+
+    def __reduce__(self):
+        _, (kwargs,) = super().__reduce__()  # pyarrow's settings dict, everything but the retry strategy
+        kwargs.pop("retry_strategy", None)  # in case a later pyarrow pickles it after all
+        return _rebuild_s3, (kwargs, self.max_attempts)
+
+
+def _rebuild_s3(kwargs: dict, max_attempts: int) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(max_attempts=max_attempts, **kwargs)
+
+
 def arrow_filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
     """``(pyarrow filesystem, path)`` for ``uri``; pass both to pyarrow.parquet or Ray Data."""
     cfg = cfg or StorageConfig()
@@ -128,7 +151,7 @@ def arrow_filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.F
         region=cfg.resolved_region(),
         connect_timeout=cfg.connect_timeout_s,
         request_timeout=cfg.request_timeout_s,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.max_attempts),
+        max_attempts=cfg.max_attempts,
     )
     endpoint = cfg.resolved_endpoint()
     if endpoint:
@@ -137,7 +160,7 @@ def arrow_filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.F
         kwargs["anonymous"] = True
     elif key and secret:
         kwargs.update(access_key=key, secret_key=secret, session_token=token)
-    return pafs.S3FileSystem(**kwargs), path
+    return RetryingS3FileSystem(**kwargs), path
 
 
 def fsspec_filesystem(uri: str, cfg: StorageConfig | None = None):
