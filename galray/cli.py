@@ -110,6 +110,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from galray.generate import generate_grid
+
+    out = generate_grid(args.prior, args.vqvae, args.out, n=args.n, label=args.label, cfg_scale=args.cfg_scale,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print(f"wrote {args.n} generated galaxies to {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from galray.demo import DemoConfig, run_demo
 
@@ -234,6 +243,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="recompute shards whose output already exists")
     _add_config_args(p)
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("generate", help="sample galaxy images from a trained prior and VQ-VAE into a PNG grid",
+                       formatter_class=_Formatter, description=textwrap.dedent("""\
+        Sample code grids from the class-conditional transformer prior (KV-cached: one step per
+        token; the conditional and unconditional passes of classifier-free guidance run as one
+        batch), decode them with the VQ-VAE and write one PNG grid. Checkpoint folders hold
+        config.json + model.safetensors, as `galray train` writes them."""))
+    p.add_argument("--prior", required=True, metavar="DIR", help="prior checkpoint folder")
+    p.add_argument("--vqvae", required=True, metavar="DIR", help="VQ-VAE checkpoint folder (same codebook size)")
+    p.add_argument("--out", required=True, metavar="PNG", help="output PNG path")
+    p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
+    p.add_argument("--label", type=int, default=None,
+                   help="class index to generate; -1 for unconditional (default: cycle through the classes)")
+    p.add_argument("--cfg-scale", type=float, default=1.0,
+                   help="classifier-free guidance scale: 1 is plain conditional, >1 sharpens the class (default 1)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy (default 1)")
+    p.add_argument("--top-k", type=int, default=0, help="keep only the k most likely codes; 0 keeps all (default 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 keeps all (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="run the pipeline end to end on a small simulated survey",
                        formatter_class=_Formatter, description=textwrap.dedent("""\
