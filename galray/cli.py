@@ -119,6 +119,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from galray.train.config import TrainJob
+    from galray.train.launch import fit, summary_json
+
+    job = _job_config(TrainJob, args, _flags(**{
+        "kind": args.kind, "data": args.data, "name": args.name, "storage_path": args.storage_path,
+        "steps": args.steps, "batch_size": args.batch_size, "checkpoint_every": args.checkpoint_every,
+        "max_failures": args.max_failures, "scaling.num_workers": args.workers,
+        "scaling.use_gpu": True if args.gpu else None, "tracking.uri": args.tracking_uri}))
+    summary = fit(job)
+    print(summary_json(summary) if args.json else summary.format())
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from galray.encode import EncodeJob, encode_store
+
+    job = _job_config(EncodeJob, args, _flags(**{
+        "input": args.input, "vqvae": args.vqvae, "output": args.output, "batch_size": args.batch_size,
+        "actors": args.actors, "num_gpus": args.num_gpus, "label_column": args.label_column,
+        "overwrite": args.overwrite or None}))
+    summary = encode_store(job)
+    print(summary.format())
+    if summary.rows_errored:
+        print(f"errored rows (object_id, stage, reason, source_file): {job.output.rstrip('/')}/_errors/")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from galray.demo import DemoConfig, run_demo
 
@@ -263,6 +291,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 keeps all (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train", help="train the SAE, VQ-VAE or prior data-parallel with Ray Train, tracked in MLflow",
+                       formatter_class=_Formatter, epilog=EPILOG_S3, description=textwrap.dedent("""\
+        Data-parallel training (Ray Train TorchTrainer, DDP: gloo on CPU, NCCL on GPU) of
+          sae    a Matryoshka BatchTopK SAE on an embedding store (`galray embed`)
+          vqvae  a VQ-VAE on a cutout store
+          prior  a class-conditional transformer prior on a code store (`galray encode`)
+        --batch-size is per worker: the global batch is batch_size x workers (the learning rate
+        is scaled with it only with --set scale_lr=true). Objects go to the validation split by
+        crc32(object_id) (--set val_fraction=0.05). Checkpoints (model, optimizer, step, config;
+        the SAE's normalisation and threshold) go to STORAGE_PATH/NAME every --checkpoint-every
+        steps and at the end; rerunning the same --name and --storage-path resumes from the
+        latest one, and up to --max-failures worker failures are recovered from it. One MLflow
+        run per training run (tracking URI: --tracking-uri, else MLFLOW_TRACKING_URI, else
+        sqlite:///mlflow.db): flattened config as params, step metrics, the checkpoint,
+        config.json and figures as artifacts; the model is registered as galray-KIND (or
+        tracking.register_model). Model settings: --set sae.model.k=32, --set vqvae.model.codebook_size=512,
+        --set prior.model.n_layers=8, ... (see jobs/configs/*.yaml)."""))
+    p.add_argument("kind", choices=["sae", "vqvae", "prior"], help="what to train")
+    p.add_argument("--data", help="input store URI: embeddings (sae), cutouts (vqvae) or codes (prior)")
+    p.add_argument("--name", help="run name; the same name and storage path resume the run")
+    p.add_argument("--storage-path", help="where checkpoints go (folder or s3://bucket/prefix) "
+                                          "[config default: galray-runs]")
+    p.add_argument("--steps", type=int, help="optimizer steps in total [config default: 1000]")
+    p.add_argument("--batch-size", type=int, help="rows per worker per step [config default: 256]")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints [config default: 500]")
+    p.add_argument("--workers", type=int, help="data-parallel workers [config default: 2]")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (scaling.use_gpu)")
+    p.add_argument("--max-failures", type=int, help="worker failures to recover from [config default: 0]")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI [default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db]")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("encode", help="turn a cutout store into VQ-VAE code sequences (the prior's data)",
+                       formatter_class=_Formatter, epilog=EPILOG_S3, description=textwrap.dedent("""\
+        Encode every cutout with a trained VQ-VAE (a `galray train vqvae` checkpoint folder:
+        config.json + model.safetensors) into a code store: one Parquet file per input shard,
+        with object_id, codes (h*w int16 codes in raster order) and label (the input's label
+        column, else -1); the grid and codebook size are in the file metadata. Images get the
+        same preprocessing as in training (square crop, resize to the model's image size; flux
+        is stretched to colour). A fixed pool of actors each holds the model once and takes
+        whole shards. Rows that fail go to OUTPUT/_errors/; valid + errored = input. Finished
+        shards are skipped, so a rerun resumes."""))
+    p.add_argument("--input", help="cutout store URI")
+    p.add_argument("--vqvae", metavar="CKPT_DIR", help="VQ-VAE checkpoint folder (local or s3://)")
+    p.add_argument("--output", help="code store URI")
+    p.add_argument("--batch-size", type=int, help="images per forward pass [config default: 64]")
+    p.add_argument("--actors", type=int, help="encoder actors [default: GPUs / num_gpus, or CPUs / 2]")
+    p.add_argument("--num-gpus", type=float, help="GPUs per actor [config default: 0]")
+    p.add_argument("--label-column", help="input column copied to `label` [config default: label]")
+    p.add_argument("--overwrite", action="store_true", help="recompute shards whose output exists")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("demo", help="run the pipeline end to end on a small simulated survey",
                        formatter_class=_Formatter, description=textwrap.dedent("""\

@@ -83,7 +83,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         elif origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(path, f"expected {len(args)} items, got {len(value)}")
-            items = [_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(args, value))]
+            items = [_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
         else:
             item_tp = args[0] if args else Any
             items = [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]

@@ -20,6 +20,7 @@ class Inner:
     mode: Literal["a", "b"] = "a"
     lr: float = 1e-3
     name: str | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self) -> None:
         check(self.k > 0, "k", "must be positive")
@@ -33,8 +34,8 @@ class Outer:
 
 
 def test_defaults_and_roundtrip():
-    cfg = from_dict(Outer, {"inner": {"k": 3, "widths": [1, 2, 3]}})
-    assert cfg.inner.k == 3 and cfg.inner.widths == (1, 2, 3)
+    cfg = from_dict(Outer, {"inner": {"k": 3, "widths": [1, 2, 3], "betas": [0.5, 1]}})
+    assert cfg.inner.k == 3 and cfg.inner.widths == (1, 2, 3) and cfg.inner.betas == (0.5, 1.0)
     assert from_dict(Outer, to_dict(cfg)) == cfg
 
 
@@ -48,6 +49,8 @@ def test_defaults_and_roundtrip():
     ({"storage": {"max_attempts": 0}}, "storage.max_attempts"),
     ({"storage": {"endpoint_url": "localhost:9000"}}, "storage.endpoint_url"),
     ({"bogus": 1}, "bogus"),
+    ({"inner": {"betas": [0.9]}}, "inner.betas"),
+    ({"inner": {"betas": [0.9, "x"]}}, "inner.betas[1]"),
 ])
 def test_errors_name_the_field(data, field_name):
     with pytest.raises(ConfigError) as info:

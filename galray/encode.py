@@ -1,0 +1,285 @@
+"""`galray encode`: turn a cutout store into VQ-VAE code sequences (the prior's training data).
+
+A fixed pool of Ray actors, each holding the VQ-VAE once, takes whole input shards: it reads a
+shard, preprocesses every image exactly as `galray embed` does (``galray.embed.prepare_image``
+at the VQ-VAE's image size; the same preprocessing the VQ-VAE was trained with in
+``galray.train``), encodes in batches and writes one output file for that shard. The unit of
+work is one shard, written whole (errors first, codes last), so a rerun after a crash redoes only
+the shards without an output file and nothing is ever duplicated.
+
+(``galray.embed``'s streaming pipeline is built around a backbone's pooled embedding and its
+``ShardCollector`` writes ``embedding`` columns, so it is not reused here; this per-shard actor
+pool is the compact equivalent, sharing embed's preprocessing and shard naming.)
+
+**Code store contract.** A folder (local or ``s3://``) of Parquet files named like the input
+shards (``shard-00042.parquet``), with columns
+
+- ``object_id``: string, in the input's order;
+- ``codes``: ``fixed_size_list<int16>[h*w]`` (int32 when the codebook has more than 32768 codes),
+  the code grid in raster order;
+- ``label``: int64, the input's ``label_column`` where it has one, else -1 ("no label");
+
+and, in the Parquet schema metadata under ``galray`` (JSON): ``grid`` [h, w], ``codebook_size``,
+``image_size``, the checkpoint URI and ``weights`` (sha256 of model.safetensors), preprocessing,
+galray version and source shard. Rows that cannot be encoded go to ``_errors/<shard>.parquet``
+(``object_id, stage, reason, source_file``); valid plus errored rows equal the input rows. Shards
+whose output exists are skipped, so a rerun resumes (``overwrite`` recomputes them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from galray import __version__
+from galray.config import ConfigError, check, dumps, from_dict
+from galray.data.cutouts import CutoutError, StretchConfig
+from galray.data.shards import (CONFIG_NAME, ERRORS_DIR, ID_COLUMN, META_KEY, errors_table, list_parquet,
+                                write_table)
+from galray.stage_summary import StageSummary
+from galray.storage import StorageConfig, StorageError, arrow_filesystem, check_access, join, write_text
+
+STAGE = "encode"
+CODES_COLUMN = "codes"
+LABEL_COLUMN = "label"
+CODES_STORE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    """`galray encode`: which cutout store, which VQ-VAE, where the code store goes."""
+
+    input: str = ""
+    """Cutout store URI: local folder, file:// or s3://bucket/prefix."""
+    vqvae: str = ""
+    """VQ-VAE checkpoint folder (config.json + model.safetensors; a `galray train vqvae` checkpoint), local or s3://."""
+    output: str = ""
+    """Code store URI; one Parquet file per input shard."""
+    batch_size: int = 64
+    """Images per forward pass."""
+    actors: int = 0
+    """Encoder actors; 0: one per num_gpus GPU(s) on GPU, CPUs / (2 cpus_per_actor) on CPU."""
+    num_gpus: float = 0.0
+    """GPUs per actor (0: CPU)."""
+    cpus_per_actor: float = 1.0
+    """CPUs Ray reserves per actor."""
+    label_column: str = "label"
+    """Input column copied to ``label`` (integers; -1 where the input has none)."""
+    crop_fraction: float = 1.0
+    """Central fraction of each side kept before resizing (as in `galray embed`)."""
+    stretch: StretchConfig = field(default_factory=StretchConfig)
+    """Flux stretch for float (multi-band flux) stores."""
+    overwrite: bool = False
+    """Recompute shards whose output exists (default: skip them, so reruns resume)."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Object-storage settings for input, checkpoint and output."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.input), "input", "an input store URI is required")
+        check(bool(self.vqvae), "vqvae", "a VQ-VAE checkpoint folder is required")
+        check(bool(self.output), "output", "an output store URI is required")
+        check(self.input.rstrip("/") != self.output.rstrip("/"), "output", "must differ from the input store")
+        check(self.batch_size >= 1, "batch_size", "must be at least 1")
+        check(self.actors >= 0, "actors", "must be >= 0 (0 = size the pool to the cluster)")
+        check(self.num_gpus >= 0, "num_gpus", "must be >= 0")
+        check(self.cpus_per_actor > 0, "cpus_per_actor", "must be positive")
+        check(0 < self.crop_fraction <= 1, "crop_fraction", "must be in (0, 1]")
+
+
+def read_checkpoint(uri: str, storage: StorageConfig | None = None) -> tuple[bytes, bytes]:
+    """(config.json, model.safetensors) bytes of a checkpoint folder, local or on S3."""
+    from galray.models.checkpoint import CONFIG_NAME as CKPT_CONFIG
+    from galray.models.checkpoint import WEIGHTS_NAME
+
+    fs, root = arrow_filesystem(uri, storage)
+    out = []
+    for name in (CKPT_CONFIG, WEIGHTS_NAME):
+        try:
+            with fs.open_input_stream(f"{root}/{name}") as f:
+                out.append(f.read())
+        except (FileNotFoundError, OSError) as err:
+            raise StorageError(f"cannot read {join(uri, name)}: is {uri} a VQ-VAE checkpoint folder? ({err})") from None
+    return out[0], out[1]
+
+
+def vqvae_from_bytes(config_json: bytes, weights: bytes) -> Any:
+    """Rebuild the VQVAE from checkpoint bytes (safetensors: no pickle, no code runs)."""
+    from safetensors.torch import load as load_safetensors
+
+    from galray.models.vqvae import VQVAE, VQVAEConfig
+
+    payload = json.loads(config_json)
+    if payload.get("class") not in (None, "VQVAE"):
+        raise ConfigError("vqvae", f"the checkpoint holds a {payload['class']}, not a VQVAE")
+    model = VQVAE(from_dict(VQVAEConfig, payload["config"]))
+    model.load_state_dict(load_safetensors(weights), strict=True)
+    return model.eval()
+
+
+def codes_dtype(codebook_size: int) -> pa.DataType:
+    return pa.int16() if codebook_size <= 2**15 else pa.int32()
+
+
+def codes_table(ids: list[str], codes_NT: np.ndarray, labels_N: np.ndarray, codebook_size: int,
+                metadata: dict[str, Any]) -> pa.Table:
+    typ = codes_dtype(codebook_size)
+    flat = pa.array(np.ascontiguousarray(codes_NT).reshape(-1).astype(typ.to_pandas_dtype()), typ)
+    table = pa.table({ID_COLUMN: pa.array(ids, pa.string()),
+                      CODES_COLUMN: pa.FixedSizeListArray.from_arrays(flat, codes_NT.shape[1]),
+                      LABEL_COLUMN: pa.array(np.asarray(labels_N, np.int64), pa.int64())})
+    return table.replace_schema_metadata({META_KEY: json.dumps(metadata, sort_keys=True).encode()})
+
+
+class ShardEncoder:
+    """Actor: holds the VQ-VAE; ``encode_shard(path)`` writes one shard's codes (and errors)."""
+
+    def __init__(self, config_json: bytes, weights: bytes, plan: Any, job: EncodeJob, provenance: dict[str, Any]):
+        import torch
+
+        self.device = torch.device("cuda" if job.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.model = vqvae_from_bytes(config_json, weights).to(self.device)
+        self.plan, self.job, self.provenance = plan, job, provenance
+        self.fs_in, _ = arrow_filesystem(job.input, job.storage)
+        self.fs_out, self.out_root = arrow_filesystem(job.output, job.storage)
+
+    def encode_pixels(self, pixels_BCHW: np.ndarray) -> np.ndarray:
+        """(B, C, S, S) uint8 or float [0, 1] pixels -> (B, h*w) int64 codes."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(pixels_BCHW)).to(self.device)
+        x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float() * 2.0 - 1.0
+        with torch.inference_mode():
+            idx = self.model.encode_indices(x)  # (B, h, w)
+        return idx.reshape(idx.shape[0], -1).cpu().numpy()
+
+    def encode_shard(self, path: str) -> tuple[int, int]:
+        from galray.embed import prepare_image, shard_stem
+
+        job, plan = self.job, self.plan
+        stem = shard_stem(path)
+        source = join(job.input, path.rsplit("/", 1)[-1])
+        schema = pq.read_schema(path, filesystem=self.fs_in)
+        has_label = job.label_column in schema.names
+        cols = [ID_COLUMN, plan.column] + ([job.label_column] if has_label else [])
+        table = pq.read_table(path, filesystem=self.fs_in, columns=cols)
+        ids = [str(i) for i in table.column(ID_COLUMN).to_pylist()]
+        n = len(ids)
+        images = _image_column(table, plan)
+        labels = np.full(n, -1, np.int64)
+        errors: dict[int, str] = {}
+        if has_label:
+            raw = table.column(job.label_column).to_pylist()
+            for i, v in enumerate(raw):
+                try:
+                    labels[i] = -1 if v is None else int(v)
+                except (TypeError, ValueError):
+                    errors[i] = f"label {v!r} is not an integer"
+        grid = self.model.cfg.latent_size
+        codes = np.zeros((n, grid * grid), np.int64)
+        for start in range(0, n, job.batch_size):
+            rows, pixels = [], []
+            for i in range(start, min(n, start + job.batch_size)):
+                if i in errors:
+                    continue
+                try:
+                    pixels.append(prepare_image(images[i], plan))
+                    rows.append(i)
+                except CutoutError as err:
+                    errors[i] = f"preprocess: {err}"
+            if rows:
+                codes[rows] = self.encode_pixels(np.stack(pixels))
+        ok = np.array([i not in errors for i in range(n)], dtype=bool)
+        err_path = f"{self.out_root}/{ERRORS_DIR}/{stem}.parquet"
+        # Errors first, codes last: an existing code file always means the shard is done.
+        if errors:
+            write_table(errors_table([{"object_id": ids[i], "stage": STAGE, "reason": r, "source_file": source}
+                                      for i, r in sorted(errors.items())]), self.fs_out, err_path)
+        elif self.fs_out.get_file_info(err_path).type != pafs.FileType.NotFound:
+            self.fs_out.delete_file(err_path)
+        meta = {**self.provenance, "source_file": source, "rows": int(ok.sum())}
+        keep = np.flatnonzero(ok)
+        write_table(codes_table([ids[i] for i in keep], codes[keep], labels[keep], self.model.cfg.codebook_size, meta),
+                    self.fs_out, f"{self.out_root}/{stem}.parquet")
+        return int(ok.sum()), len(errors)
+
+
+def _image_column(table: pa.Table, plan: Any) -> Any:
+    """Per-row images: an (N, ...) ndarray for tensor columns, a list of bytes for encoded ones."""
+    if plan.encoding == "encoded":
+        return table.column(plan.column).to_pylist()
+    from galray.data.shards import images_from_table, spec_from_schema
+
+    return images_from_table(table, spec_from_schema(table.schema))
+
+
+def _pool_size(job: EncodeJob) -> int:
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    if job.num_gpus > 0:
+        gpus = float(ray.cluster_resources().get("GPU", 0.0))
+        if gpus < job.num_gpus:
+            raise ConfigError("num_gpus", f"asks for {job.num_gpus:g} GPU(s) per actor, but the Ray cluster has "
+                                          f"{gpus:g}; use --set num_gpus=0 to run on CPU")
+        return job.actors or int(gpus // job.num_gpus)
+    return job.actors or max(1, int(cpus // (2 * job.cpus_per_actor)))
+
+
+def encode_store(job: EncodeJob) -> StageSummary:
+    """Encode every unfinished shard of ``job.input`` into ``job.output``; returns the stage summary."""
+    import ray
+    from ray.util import ActorPool
+
+    from galray.embed import plan_for
+    from galray.session import ensure_ray
+
+    t0 = time.perf_counter()
+    job = dataclasses.replace(job, storage=job.storage.resolved())  # actors don't see the driver's env
+    fs_in, in_root = check_access(job.input, job.storage, must_exist=True)
+    fs_out, out_root = check_access(job.output, job.storage)
+    shards = list_parquet(fs_in, in_root)
+    if not shards:
+        raise StorageError(f"{job.input} holds no Parquet shards")
+    config_json, weights = read_checkpoint(job.vqvae, job.storage)
+    cfg = vqvae_from_bytes(config_json, weights).cfg  # a bad checkpoint fails here, before any actor starts
+    plan = plan_for(pq.read_schema(shards[0].path, filesystem=fs_in), cfg.image_size, cfg.in_channels,
+                    job.crop_fraction, job.stretch)
+    provenance = {"codes_store_version": CODES_STORE_VERSION, "producer": "galray encode",
+                  "galray_version": __version__, "vqvae": job.vqvae,
+                  "weights": "sha256:" + hashlib.sha256(weights).hexdigest(), "grid": [cfg.latent_size] * 2,
+                  "codebook_size": cfg.codebook_size, "image_size": cfg.image_size,
+                  "label_column": job.label_column, "preprocessing": plan.to_json(), "input": job.input}
+
+    done = set() if job.overwrite else {f.base_name for f in list_parquet(fs_out, out_root)}
+    todo = [s for s in shards if s.base_name not in done]
+    rows_in = sum(pq.ParquetFile(s.path, filesystem=fs_in).metadata.num_rows for s in todo)
+    write_text(join(job.output, CONFIG_NAME), dumps(job), job.storage)
+    written = errored = 0
+    if todo:
+        ensure_ray()
+        n = min(_pool_size(job), len(todo))
+        refs = ray.put(config_json), ray.put(weights)
+        # The model travels as bytes through the object store, so a local checkpoint also works on a
+        # cluster. Ray cannot safely restart actors built from object-store arguments (ray#53727), so
+        # a crashed actor fails the job instead; the rerun skips every shard already written.
+        cls = ray.remote(ShardEncoder).options(num_cpus=job.cpus_per_actor, num_gpus=job.num_gpus or None)
+        actors = [cls.remote(refs[0], refs[1], plan, job, provenance) for _ in range(n)]
+        pool = ActorPool(actors)
+        for ok, err in pool.map_unordered(lambda a, path: a.encode_shard.remote(path), [s.path for s in todo]):
+            written += ok
+            errored += err
+        for a in actors:
+            ray.kill(a)
+    summary = StageSummary(stage=STAGE, rows_in=rows_in, rows_out=written, rows_errored=errored,
+                           seconds=time.perf_counter() - t0, output=job.output, skipped_shards=len(shards) - len(todo))
+    summary.check()
+    return summary

@@ -1,0 +1,263 @@
+"""Ray Train for the SAE, VQ-VAE and prior: 2 CPU workers (gloo), S3 checkpoints, MLflow records,
+recovery from an injected worker failure, resume by run name, and `galray encode`.
+
+Each training test runs a real 2-worker TorchTrainer against the moto S3 server; models, data
+and step counts are tiny so the file stays a few minutes on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from galray.config import ConfigError, from_dict
+from galray.data.shards import ImageSpec, make_table, shard_name, write_table
+from galray.data.simulate import SimConfig, render_batch
+from galray.storage import arrow_filesystem
+from galray.train.config import TrainJob
+from galray.train.launch import is_val
+
+# Rows per shard and shards of the test stores.
+ROWS, SHARDS = 120, 2
+# Ray Data needs CPUs for its read tasks next to 2 workers on a 2-CPU Ray.
+SCALING = {"num_workers": 2, "cpus_per_worker": 0.5}
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+def _tracking(tmp_path: Path) -> dict:
+    return {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "test-train"}
+
+
+def _history(uri: str, run_id: str, key: str) -> list:
+    """Metric history in logging order."""
+    return sorted(mlflow.MlflowClient(tracking_uri=uri).get_metric_history(run_id, key), key=lambda m: m.timestamp)
+
+
+def _assert_loss_decreased(uri: str, run_id: str) -> None:
+    values = [m.value for m in _history(uri, run_id, "loss")]
+    assert len(values) >= 6, values
+    assert np.mean(values[-3:]) < 0.9 * np.mean(values[:3]), values
+
+
+def _assert_run_recorded(uri: str, run_id: str, kind: str, figures: set[str]) -> None:
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    params = run.data.params
+    assert params["kind"] == kind and params["scaling.num_workers"] == "2"
+    assert params["global_batch_size"] == str(2 * int(params["batch_size"]))
+    assert any(k.startswith("resolved.model.") for k in params)
+    for key in ("loss", "lr", "samples_per_s"):
+        assert client.get_metric_history(run_id, key), key
+    assert run.info.status == "FINISHED"
+    top = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.json", "checkpoint", "figures"} <= top
+    ckpt = {Path(a.path).name for a in client.list_artifacts(run_id, "checkpoint")}
+    assert {"config.json", "model.safetensors", "train_state.pt"} <= ckpt
+    assert {f"{f}.png" for f in figures} <= {Path(a.path).name for a in client.list_artifacts(run_id, "figures")}
+    assert client.search_model_versions(f"name='galray-{kind}'")
+
+
+def _s3_checkpoints(s3_server, bucket: str, prefix: str) -> set[str]:
+    objs = s3_server.client().list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {o["Key"].split("/")[-2] for o in objs if o["Key"].endswith("/model.safetensors")}
+
+
+def _cutout_store(uri: str, n_shards: int, rows: int, size: int = 32, flux: bool = False,
+                  nan_rows: tuple[int, ...] = ()) -> None:
+    fs, root = arrow_filesystem(uri)
+    cfg = SimConfig(size=size, keep_flux=flux)
+    for s in range(n_shards):
+        b = render_batch(range(s * rows, (s + 1) * rows), cfg)
+        if flux:
+            images = b["flux_image"]
+            for i in nan_rows:
+                images[i] = np.nan
+            spec = ImageSpec(shape=images.shape[1:], layout="CHW", dtype="float32", bands=("g", "r", "z"))
+        else:
+            images, spec = b["image"], ImageSpec(shape=(size, size, 3))
+        write_table(make_table({"object_id": b["object_id"], "image": images, "label": b["label"]}, spec),
+                    fs, f"{root}/{shard_name(s)}")
+
+
+def _embedding_store(uri: str, d: int = 16) -> None:
+    from galray.embed import embedding_table
+    from galray.models.sae import planted_dictionary
+
+    x, _ = planted_dictionary(ROWS * SHARDS, d, n_features=24, k_active=2, noise=0.01, seed=0)
+    fs, root = arrow_filesystem(uri)
+    for s in range(SHARDS):
+        ids = np.array([f"emb-{i:06d}" for i in range(s * ROWS, (s + 1) * ROWS)], dtype=object)
+        write_table(embedding_table(ids, x[s * ROWS:(s + 1) * ROWS].numpy(), {"embedding_dim": d}), fs,
+                    f"{root}/{shard_name(s)}")
+
+
+# --- pure parts ------------------------------------------------------------------------------------
+
+def test_split_is_deterministic_and_sized():
+    ids = [f"sim-0-{i:09d}" for i in range(20_000)]
+    val = is_val(ids, 0.1)
+    assert abs(val.mean() - 0.1) < 0.01
+    assert np.array_equal(val, is_val(list(reversed(ids)), 0.1)[::-1])  # per object, not per position
+    assert not is_val(ids, 0.0).any()
+    assert np.array_equal(is_val(ids[:500], 0.1), val[:500])
+
+
+def test_job_config_validation():
+    job = from_dict(TrainJob, {"kind": "sae", "data": "x", "name": "r", "batch_size": 8, "scale_lr": True,
+                               "sae": {"model": {"group_sizes": [8, 24], "k": 4}, "train": {"lr": 1e-3}}})
+    assert job.global_batch_size == 16
+    assert job.sae_train_config().lr == pytest.approx(2e-3) and job.sae_train_config().batch_size == 8
+    assert job.sae.model_config(16).n_latents == 32 and job.sae.model_config(16).d_in == 16
+    with pytest.raises(ConfigError, match="sae.model.nope"):
+        from_dict(TrainJob, {"kind": "sae", "data": "x", "name": "r", "sae": {"model": {"nope": 1}}})
+    with pytest.raises(ConfigError, match="sae.model.k"):
+        from_dict(TrainJob, {"kind": "sae", "data": "x", "name": "r", "sae": {"model": {"group_sizes": [4], "k": 8}}})
+    with pytest.raises(ConfigError, match="kind"):
+        from_dict(TrainJob, {"kind": "gan", "data": "x", "name": "r"})
+    with pytest.raises(ConfigError, match="name"):
+        from_dict(TrainJob, {"kind": "sae", "data": "x", "name": "a/b"})
+
+
+def test_figures_are_pure():
+    code = ("import sys, numpy as np; from galray.train import figures as f;"
+            "f.loss_curves({'loss': ([1, 2, 3], [3.0, 2.0, 1.0])});"
+            "f.codebook_usage(np.array([5, 0, 3, 1]));"
+            "f.feature_density([1, 2], [-2.0, -1.0, 0.0], n_latents=8, n_samples=10);"
+            "bad = {'ray', 'mlflow', 'boto3', 'matplotlib.pyplot'} & set(sys.modules); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- Ray Train -------------------------------------------------------------------------------------
+
+def test_sae_recovers_from_worker_failure_and_resumes(ray_session, s3_env, s3_server, tmp_path, monkeypatch):
+    from galray.train.launch import fit
+
+    monkeypatch.chdir(tmp_path)  # MLflow's local artifact root
+    bucket = s3_env
+    _embedding_store(f"s3://{bucket}/emb")
+    marker = tmp_path / "failed-once"
+    monkeypatch.setenv("GALRAY_TEST_FAIL_AT_STEP", "8")
+    monkeypatch.setenv("GALRAY_TEST_FAIL_MARKER", str(marker))
+    tracking = _tracking(tmp_path)
+    base = {"kind": "sae", "data": f"s3://{bucket}/emb", "name": "sae-fault", "storage_path": f"s3://{bucket}/runs",
+            "steps": 14, "batch_size": 16, "checkpoint_every": 5, "log_every": 1, "max_failures": 1,
+            "val_fraction": 0.1, "materialize": True, "scaling": SCALING, "tracking": tracking,
+            "sae": {"model": {"group_sizes": [16, 48], "k": 4}, "train": {"lr": 3e-3, "warmup_frac": 0.0}}}
+    s = fit(from_dict(TrainJob, base))
+
+    # Rank 1 raised once before step 8; Ray Train restarted the group from the step-5 checkpoint.
+    assert marker.exists()
+    assert s.step == 14 and s.resumed_from_step == 5
+    assert s.replica_max_diff == 0.0  # SAE weights, normalisation, threshold identical on both ranks
+    assert _s3_checkpoints(s3_server, bucket, "runs/sae-fault/") == {"step-00000005", "step-00000010",
+                                                                     "step-00000014"}
+    steps = [int(m.step) for m in _history(tracking["uri"], s.mlflow_run_id, "loss")]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[:restart] == list(range(1, restart + 1)) and restart >= 7  # first attempt got to step 7
+    assert steps[restart:] == list(range(6, 15))  # the second continued from the checkpoint, not from 0
+    _assert_loss_decreased(tracking["uri"], s.mlflow_run_id)
+    _assert_run_recorded(tracking["uri"], s.mlflow_run_id, "sae", {"loss_curves", "feature_density"})
+    assert "val_fvu" in s.eval
+
+    # Same name and storage path again, with more steps: resumes from the last checkpoint, same MLflow run.
+    monkeypatch.delenv("GALRAY_TEST_FAIL_AT_STEP")
+    again = fit(from_dict(TrainJob, {**base, "steps": 17}))
+    assert again.resumed_from_step == 14 and again.step == 17
+    assert again.mlflow_run_id == s.mlflow_run_id
+    assert "step-00000017" in _s3_checkpoints(s3_server, bucket, "runs/sae-fault/")
+    from galray.models.checkpoint import load_model
+    from galray.models.sae import SparseAutoencoder
+
+    fs, path = arrow_filesystem(again.checkpoint)
+    local = tmp_path / "ckpt"
+    local.mkdir()
+    for name in ("config.json", "model.safetensors", "train_state.pt"):
+        with fs.open_input_stream(f"{path}/{name}") as f:
+            (local / name).write_bytes(f.read())
+    sae = load_model(SparseAutoencoder, local)
+    assert bool(sae.norm_fitted) and int(sae.threshold_updates) == 17
+    state = torch.load(local / "train_state.pt", weights_only=True)
+    assert state["step"] == 17 and state["mlflow_run_id"] == s.mlflow_run_id
+
+
+def test_vqvae_two_workers(ray_session, s3_env, s3_server, tmp_path, monkeypatch):
+    from galray.train.launch import fit
+
+    monkeypatch.chdir(tmp_path)
+    bucket = s3_env
+    _cutout_store(str(tmp_path / "cutouts"), SHARDS, ROWS, size=32)  # resized to the model's 16 px
+    tracking = _tracking(tmp_path)
+    job = from_dict(TrainJob, {
+        "kind": "vqvae", "data": str(tmp_path / "cutouts"), "name": "vq", "storage_path": f"s3://{bucket}/runs",
+        "steps": 20, "batch_size": 16, "checkpoint_every": 10, "log_every": 1, "materialize": True,
+        "val_fraction": 0.1, "scaling": SCALING, "tracking": tracking,
+        "vqvae": {"model": {"image_size": 16, "latent_size": 4, "channels": [8, 16], "code_dim": 8,
+                            "codebook_size": 16, "kmeans_iters": 3},
+                  "train": {"lr": 3e-3}}})
+    s = fit(job)
+    assert s.step == 20 and s.resumed_from_step == 0
+    assert s.replica_max_diff == 0.0  # the codebook (EMA buffers) and weights are identical across ranks
+    assert _s3_checkpoints(s3_server, bucket, "runs/vq/") == {"step-00000010", "step-00000020"}
+    _assert_loss_decreased(tracking["uri"], s.mlflow_run_id)
+    _assert_run_recorded(tracking["uri"], s.mlflow_run_id, "vqvae", {"loss_curves", "codebook_usage"})
+    for key in ("perplexity", "utilisation"):
+        assert _history(tracking["uri"], s.mlflow_run_id, key)
+    assert 1.0 <= s.eval["val_perplexity"] <= 16
+
+
+def test_encode_then_prior_two_workers(ray_session, s3_env, s3_server, tmp_path, monkeypatch):
+    from galray.encode import EncodeJob, encode_store
+    from galray.models.checkpoint import save_model
+    from galray.models.vqvae import VQVAE, VQVAEConfig
+    from galray.train.launch import fit
+
+    monkeypatch.chdir(tmp_path)
+    bucket = s3_env
+    # A float flux store (stretched to colour by the shared preprocessing), one unusable row per shard.
+    _cutout_store(str(tmp_path / "flux"), SHARDS, ROWS, size=32, flux=True, nan_rows=(3,))
+    torch.manual_seed(0)
+    save_model(VQVAE(VQVAEConfig(image_size=16, latent_size=4, channels=(8, 16), code_dim=8, codebook_size=16)),
+               tmp_path / "vq")
+    out = f"s3://{bucket}/codes"
+    summary = encode_store(EncodeJob(input=str(tmp_path / "flux"), vqvae=str(tmp_path / "vq"), output=out,
+                                     batch_size=32, actors=1))
+    assert (summary.rows_in, summary.rows_out, summary.rows_errored) == (SHARDS * ROWS, SHARDS * (ROWS - 1), SHARDS)
+    fs, root = arrow_filesystem(out)
+    table = pq.read_table(f"{root}/{shard_name(0)}", filesystem=fs)
+    assert table.schema.field("codes").type.list_size == 16 and str(table.schema.field("codes").type.value_type) == "int16"
+    meta = json.loads(table.schema.metadata[b"galray"])
+    assert meta["grid"] == [4, 4] and meta["codebook_size"] == 16
+    codes = np.stack(table.column("codes").to_numpy(zero_copy_only=False))
+    assert codes.min() >= 0 and codes.max() < 16
+    assert set(table.column("label").to_pylist()) <= set(range(10))
+    errors = pq.read_table(f"{root}/_errors/shard-00000.parquet", filesystem=fs)
+    assert errors.column("stage").to_pylist() == ["encode"] and "NaN" in errors.column("reason")[0].as_py()
+    again = encode_store(EncodeJob(input=str(tmp_path / "flux"), vqvae=str(tmp_path / "vq"), output=out))
+    assert again.skipped_shards == SHARDS and again.rows_in == 0  # finished shards are not redone
+
+    tracking = _tracking(tmp_path)
+    s = fit(from_dict(TrainJob, {
+        "kind": "prior", "data": out, "name": "prior", "storage_path": f"s3://{bucket}/runs", "steps": 20,
+        "batch_size": 16, "checkpoint_every": 10, "log_every": 1, "materialize": True, "val_fraction": 0.1,
+        "scaling": SCALING, "tracking": tracking,
+        "prior": {"model": {"vocab_size": 16, "num_classes": 10, "seq_len": 16, "d_model": 32, "n_layers": 2,
+                            "n_heads": 2},
+                  "train": {"lr": 3e-3, "warmup_steps": 2}}}))
+    assert s.step == 20 and s.replica_max_diff == 0.0
+    assert _s3_checkpoints(s3_server, bucket, "runs/prior/") == {"step-00000010", "step-00000020"}
+    _assert_loss_decreased(tracking["uri"], s.mlflow_run_id)
+    _assert_run_recorded(tracking["uri"], s.mlflow_run_id, "prior", {"loss_curves"})
+    assert "val_loss" in s.eval
+
+    with pytest.raises(ConfigError, match="seq_len"):
+        fit(from_dict(TrainJob, {"kind": "prior", "data": out, "name": "bad", "prior": {"model": {"seq_len": 64,
+                                                                                                  "vocab_size": 16}}}))
