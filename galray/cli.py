@@ -150,7 +150,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from galray.demo import DemoConfig, run_demo
 
-    cfg = _job_config(DemoConfig, args, _flags(out=args.out, n=args.n, size=args.size, seed=args.seed))
+    cfg = _job_config(DemoConfig, args, _flags(out=args.out, n=args.n, size=args.size, seed=args.seed,
+                                               steps=args.steps))
     run_demo(cfg)
     return 0
 
@@ -348,13 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the pipeline end to end on a small simulated survey",
                        formatter_class=_Formatter, description=textwrap.dedent("""\
-        The quickstart: simulate a small survey into a local folder, write a preview montage,
-        and print a summary of the store. Runs on a laptop CPU in about a minute; everything it
-        writes goes under --out."""))
+        The quickstart, offline, on a CPU: simulate a small survey with GalSim (and a montage),
+        train a VQ-VAE on it with Ray Train, embed every cutout with its encoder (Ray Data),
+        train a sparse autoencoder on the embeddings, encode code grids, train the
+        class-conditional prior and sample new galaxies from it. Every training is an MLflow
+        run in OUT/mlflow.db. Takes a few minutes on 2 cores; everything goes under --out.
+        --set stages=[simulate] (or any prefix of the stages) stops early."""))
     p.add_argument("--out", help="output folder [config default: galray-demo]")
     p.add_argument("--n", type=int, help="number of simulated galaxies [config default: 500]")
     p.add_argument("--size", type=int, help="cutout size in pixels [config default: 64]")
     p.add_argument("--seed", type=int, help="random seed [config default: 0]")
+    p.add_argument("--steps", type=int, help="optimizer steps of each training [config default: 150]")
     _add_config_args(p)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -14,11 +14,18 @@ import sys
 import ray
 
 
-def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
-    """Initialise Ray if it is not running in this process yet."""
+def ensure_ray(num_cpus: int | None = None, quiet: bool | None = None) -> None:
+    """Initialise Ray if it is not running in this process yet.
+
+    ``quiet`` defaults to on unless ``GALRAY_VERBOSE=1`` is set.
+    """
+    if quiet is None:
+        quiet = os.environ.get("GALRAY_VERBOSE", "0") in ("", "0")
     if ray.is_initialized():
         return
-    kwargs: dict = dict(include_dashboard=False, ignore_reinit_error=True,
+    # quiet: worker processes' own log lines (Ray Train's per-report lines, placement-group
+    # chatter) stay in Ray's log files; errors still reach the driver as exceptions.
+    kwargs: dict = dict(include_dashboard=False, ignore_reinit_error=True, log_to_driver=not quiet,
                         logging_level=logging.WARNING if quiet else logging.INFO)
     # Token auth is on by default in recent Ray; a local single-user session needs none.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

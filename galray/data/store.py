@@ -41,7 +41,9 @@ def read_store(uri: str, storage: StorageConfig | None = None, columns: list[str
     """
     ensure_ray()
     fs, paths = shard_paths(uri, storage)
-    return ray.data.read_parquet(paths, filesystem=fs, columns=columns, **read_kwargs)
+    ds = ray.data.read_parquet(paths, filesystem=fs, **read_kwargs)
+    # select_columns is pushed down into the Parquet read (read_parquet's columns= is deprecated)
+    return ds.select_columns(columns) if columns else ds
 
 
 def read_spec(uri: str, storage: StorageConfig | None = None) -> ImageSpec:
