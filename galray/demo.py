@@ -132,5 +132,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
         print(f"wrote {paths['generated']}")
     print(f"\ndone in {time.perf_counter() - t0:.0f} s. Look at {paths['preview']}"
           + (f" and {paths['generated']}" if "generate" in cfg.stages else "")
-          + f"; browse the runs with `mlflow ui --backend-store-uri {paths['mlflow']}`.")
+          + (f"; browse the runs with `mlflow ui --backend-store-uri {paths['mlflow']}`"
+             if {"vqvae", "sae", "prior"} & set(cfg.stages) else "") + ".")
     return paths
