@@ -46,6 +46,14 @@ def _flags(**pairs: Any) -> dict[str, Any]:
     return out
 
 
+def _report_stage(summary: Any, output: str) -> int:
+    """Print a row-reading stage's summary line and where its errored rows went."""
+    print(summary.format())
+    if summary.rows_errored:
+        print(f"errored rows (object_id, stage, reason, source_file): {output.rstrip('/')}/_errors/")
+    return 0
+
+
 def _job_config(cls: type, args: argparse.Namespace, base: dict[str, Any]) -> Any:
     cfg = load(cls, args.config, args.overrides, base=base)
     if args.print_config:
@@ -83,11 +91,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         "format": args.format, "src": args.src, "out": args.out, "catalog": args.catalog,
         "id_column": args.id_column, "shard_rows": args.shard_rows, "overwrite": args.overwrite or None,
         "cutout.size": args.size, "cutout.crop_fraction": args.crop_fraction, "fits.mode": args.fits_mode}))
-    summary = ingest(job)
-    print(summary.format())
-    if summary.rows_errored:
-        print(f"errored rows (object_id, stage, reason, source_file): {job.out.rstrip('/')}/_errors/")
-    return 0
+    return _report_stage(ingest(job), job.out)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -106,8 +110,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         "pretrained": False if args.random_init else None, "input_size": args.input_size,
         "crop_fraction": args.crop_fraction, "batch_size": args.batch_size, "actors": args.actors,
         "num_gpus": args.num_gpus, "overwrite": args.overwrite or None}))
-    print(embed_store(job).format())
-    return 0
+    return _report_stage(embed_store(job), job.output)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -140,11 +143,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         "input": args.input, "vqvae": args.vqvae, "output": args.output, "batch_size": args.batch_size,
         "actors": args.actors, "num_gpus": args.num_gpus, "label_column": args.label_column,
         "overwrite": args.overwrite or None}))
-    summary = encode_store(job)
-    print(summary.format())
-    if summary.rows_errored:
-        print(f"errored rows (object_id, stage, reason, source_file): {job.output.rstrip('/')}/_errors/")
-    return 0
+    return _report_stage(encode_store(job), job.output)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
