@@ -48,7 +48,8 @@ class SimulateJob:
         check(self.shard_rows >= 1, "shard_rows", "must be at least 1")
 
 
-def _spec(sim: SimConfig) -> ImageSpec:
+def image_spec(sim: SimConfig) -> ImageSpec:
+    """The store layout of simulated cutouts: uint8 HWC colour renderings, one channel per band."""
     return ImageSpec(shape=(sim.size, sim.size, len(sim.bands)), layout="HWC", dtype="uint8", bands=tuple(sim.bands))
 
 
@@ -57,7 +58,7 @@ def render_shard(shard: int, start: int, stop: int, job: SimulateJob) -> dict[st
     t0 = time.perf_counter()
     columns = render_batch(range(start, stop), job.sim)
     columns.pop("flux_image", None)  # the store keeps the colour rendering; flux cubes are opt-in elsewhere
-    table = make_table(columns, _spec(job.sim), extra_metadata={
+    table = make_table(columns, image_spec(job.sim), extra_metadata={
         "producer": "galray simulate", "seed": job.sim.seed, "class_names": list(CLASS_NAMES)})
     fs, root = arrow_filesystem(job.out, job.storage)
     nbytes = write_table(table, fs, f"{root}/{shard_name(shard)}")
@@ -106,7 +107,7 @@ def write_preview(job: SimulateJob, per_class: int = 8) -> str:
     wanted = {CLASS_NAMES.index(c) for c in job.sim.classes}
     for info in list_parquet(fs, root):
         table = pq.read_table(info.path, filesystem=fs, columns=["image", "label"])
-        images, labels = images_from_table(table, _spec(job.sim)), table.column("label").to_numpy()
+        images, labels = images_from_table(table, image_spec(job.sim)), table.column("label").to_numpy()
         for img, lab in zip(images, labels):
             if len(picked.setdefault(int(lab), [])) < per_class:
                 picked[int(lab)].append(img)
