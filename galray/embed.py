@@ -62,8 +62,9 @@ from galray.data.cutouts import (CropResizeConfig, CutoutError, StretchConfig, a
                                  crop_resize, decode_image, flux_to_rgb)
 from galray.data.shards import (CONFIG_NAME, ERRORS_DIR, ID_COLUMN, IMAGE_COLUMN, META_KEY, ImageSpec,
                                 errors_table, list_parquet, read_metadata, write_table)
+from galray.data.resume import plan_shard_work
 from galray.stage_summary import StageSummary
-from galray.storage import StorageConfig, StorageError, arrow_filesystem, check_access, join, write_text
+from galray.storage import StorageConfig, StorageError, arrow_filesystem, join, write_text
 
 if TYPE_CHECKING:
     from galray.models.backbones import Backbone, BackboneConfig
@@ -455,14 +456,8 @@ def embed_store(job: EmbedJob, embedder_cls: type[Embedder] = Embedder) -> Stage
 
     t0 = time.perf_counter()
     job = dataclasses.replace(job, storage=job.storage.resolved())  # workers don't see the driver's env
-    fs_in, in_root = check_access(job.input, job.storage, must_exist=True)
-    fs_out, out_root = check_access(job.output, job.storage)
-    shards = list_parquet(fs_in, in_root)
-    if not shards:
-        raise StorageError(f"{job.input} holds no Parquet shards")
-
-    done = set() if job.overwrite else {f.base_name for f in list_parquet(fs_out, out_root)}
-    todo = [s for s in shards if s.base_name not in done]
+    work = plan_shard_work(job.input, job.output, job.storage, job.overwrite)
+    fs_in, fs_out, out_root, shards, todo = work.fs_in, work.fs_out, work.out_root, work.shards, work.todo
     rows = dict(zip((shard_stem(s.path) for s in todo), _footer_rows(fs_in, [s.path for s in todo])))
     sources = {shard_stem(s.path): join(job.input, s.base_name) for s in todo}
     actors = 0

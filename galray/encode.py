@@ -43,10 +43,11 @@ import pyarrow.parquet as pq
 from galray import __version__
 from galray.config import ConfigError, check, dumps, from_dict
 from galray.data.cutouts import CutoutError, StretchConfig
-from galray.data.shards import (CONFIG_NAME, ERRORS_DIR, ID_COLUMN, META_KEY, errors_table, list_parquet,
+from galray.data.shards import (CONFIG_NAME, ERRORS_DIR, ID_COLUMN, META_KEY, errors_table,
                                 write_table)
+from galray.data.resume import plan_shard_work
 from galray.stage_summary import StageSummary
-from galray.storage import StorageConfig, StorageError, arrow_filesystem, check_access, join, write_text
+from galray.storage import StorageConfig, StorageError, arrow_filesystem, join, write_text
 
 STAGE = "encode"
 CODES_COLUMN = "codes"
@@ -244,11 +245,8 @@ def encode_store(job: EncodeJob) -> StageSummary:
 
     t0 = time.perf_counter()
     job = dataclasses.replace(job, storage=job.storage.resolved())  # actors don't see the driver's env
-    fs_in, in_root = check_access(job.input, job.storage, must_exist=True)
-    fs_out, out_root = check_access(job.output, job.storage)
-    shards = list_parquet(fs_in, in_root)
-    if not shards:
-        raise StorageError(f"{job.input} holds no Parquet shards")
+    work = plan_shard_work(job.input, job.output, job.storage, job.overwrite)
+    fs_in, shards, todo = work.fs_in, work.shards, work.todo
     config_json, weights = read_checkpoint(job.vqvae, job.storage)
     cfg = vqvae_from_bytes(config_json, weights).cfg  # a bad checkpoint fails here, before any actor starts
     plan = plan_for(pq.read_schema(shards[0].path, filesystem=fs_in), cfg.image_size, cfg.in_channels,
@@ -259,8 +257,6 @@ def encode_store(job: EncodeJob) -> StageSummary:
                   "codebook_size": cfg.codebook_size, "image_size": cfg.image_size,
                   "label_column": job.label_column, "preprocessing": plan.to_json(), "input": job.input}
 
-    done = set() if job.overwrite else {f.base_name for f in list_parquet(fs_out, out_root)}
-    todo = [s for s in shards if s.base_name not in done]
     rows_in = sum(pq.ParquetFile(s.path, filesystem=fs_in).metadata.num_rows for s in todo)
     write_text(join(job.output, CONFIG_NAME), dumps(job), job.storage)
     written = errored = 0

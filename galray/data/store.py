@@ -17,8 +17,9 @@ import pyarrow.parquet as pq
 import ray
 
 from galray.data.shards import ERRORS_DIR, ID_COLUMN, ImageSpec, list_parquet, read_metadata, spec_from_schema
+from galray.data.resume import input_shards
 from galray.session import ensure_ray
-from galray.storage import StorageConfig, StorageError, check_access, join
+from galray.storage import StorageConfig, check_access, join
 
 # Columns worth counting in `galray info`: strings and integers with few distinct values.
 MAX_CATEGORIES = 50
@@ -26,10 +27,7 @@ MAX_CATEGORIES = 50
 
 def shard_paths(uri: str, storage: StorageConfig | None = None) -> tuple[Any, list[str]]:
     """``(filesystem, [shard paths])`` of a store, sorted; a clear error if there is none."""
-    fs, path = check_access(uri, storage, must_exist=True)
-    files = list_parquet(fs, path)
-    if not files:
-        raise StorageError(f"{uri} holds no Parquet shards")
+    fs, _, files = input_shards(uri, storage)
     return fs, [f.path for f in files]
 
 

@@ -115,15 +115,22 @@ def _check(model: Prior, labels_B: Tensor, num_tokens: int | None) -> int:
     return n
 
 
+def _prepare(model: Prior, labels_B: Tensor, cfg: SamplingConfig,
+             num_tokens: int | None) -> tuple[int, bool, Tensor, Tensor]:
+    """Shared set-up of both samplers: token count, whether CFG runs, the model's label rows
+    (cond then uncond when guided: (R,) with R = B or 2B) and the empty output (B, n)."""
+    n = _check(model, labels_B, num_tokens)
+    guided = is_guided(model, labels_B, cfg)
+    rows_R = _rows(model, labels_B, guided)
+    codes_BN = torch.zeros(labels_B.shape[0], n, dtype=torch.long, device=labels_B.device)
+    return n, guided, rows_R, codes_BN
+
+
 @torch.no_grad()
 def sample_naive(model: Prior, labels_B: Tensor, cfg: SamplingConfig = SamplingConfig(),
                  generator: torch.Generator | None = None, num_tokens: int | None = None) -> Tensor:
     """Reference sampler: re-run the full prefix for every new code. Returns codes (B, num_tokens)."""
-    n = _check(model, labels_B, num_tokens)
-    guided = is_guided(model, labels_B, cfg)
-    rows_R = _rows(model, labels_B, guided)
-    B = labels_B.shape[0]
-    codes_BN = torch.zeros(B, n, dtype=torch.long, device=labels_B.device)
+    n, guided, rows_R, codes_BN = _prepare(model, labels_B, cfg, num_tokens)
     with _eval_mode(model):
         for i in range(n):
             prefix_BT = codes_BN[:, :i]
@@ -137,11 +144,7 @@ def sample_naive(model: Prior, labels_B: Tensor, cfg: SamplingConfig = SamplingC
 def sample_kv(model: Prior, labels_B: Tensor, cfg: SamplingConfig = SamplingConfig(),
               generator: torch.Generator | None = None, num_tokens: int | None = None) -> Tensor:
     """KV-cached sampler: one single-position forward per new code. Returns codes (B, num_tokens)."""
-    n = _check(model, labels_B, num_tokens)
-    guided = is_guided(model, labels_B, cfg)
-    rows_R = _rows(model, labels_B, guided)
-    B = labels_B.shape[0]
-    codes_BN = torch.zeros(B, n, dtype=torch.long, device=labels_B.device)
+    n, guided, rows_R, codes_BN = _prepare(model, labels_B, cfg, num_tokens)
     with _eval_mode(model):
         cache = model.new_cache(rows_R.shape[0])
         logits_RV = model.prefill(rows_R, cache)
