@@ -14,6 +14,7 @@ finishes in minutes on a CPU; the same commands scale up through their configs.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from galray.data.simulate import SimConfig
 from galray.data.store import store_summary
 from galray.simulate import SimulateJob, format_summary, simulate_survey
 from galray.storage import StorageConfig, is_s3, join
+from galray.tracking import TrackingConfig
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,11 @@ class DemoConfig:
         check(all(s in valid for s in self.stages), "stages", f"each must be one of {list(valid)}")
 
 
+def _tracking(cfg: DemoConfig) -> TrackingConfig:
+    """Every demo run goes to OUT/mlflow.db, in one experiment."""
+    return TrackingConfig(uri=f"sqlite:///{Path(cfg.out).resolve() / 'mlflow.db'}", experiment="galray-demo")
+
+
 def _train(kind: str, data: str, name: str, cfg: DemoConfig, section: dict[str, Any]) -> Any:
     from galray.train.config import TrainJob
     from galray.train.launch import fit
@@ -68,7 +75,7 @@ def _train(kind: str, data: str, name: str, cfg: DemoConfig, section: dict[str, 
         "materialize": True, "seed": cfg.seed, kind: section,
         # Ray Data's read tasks need CPUs next to the workers on a small machine.
         "scaling": {"num_workers": cfg.workers, "use_gpu": False, "cpus_per_worker": 0.5},
-        "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "galray-demo"},
+        "tracking": dataclasses.asdict(_tracking(cfg)),
     })
     summary = fit(job)
     print(summary.format())
@@ -110,7 +117,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
         from galray.embed import EmbedJob, embed_store
 
         print(embed_store(EmbedJob(input=paths["store"], output=paths["embeddings"], model=f"vqvae:{paths['vqvae']}",
-                                   batch_size=64)).format())
+                                   batch_size=64, tracking=_tracking(cfg))).format())
     if stage("sae", "training a Matryoshka BatchTopK sparse autoencoder on the embeddings"):
         sae = _train("sae", paths["embeddings"], "sae-demo", cfg, {
             "preset": "galray", "model": {"group_sizes": [8, 24], "k": 4, "dead_after_samples": 2048}, "train": {"lr": 2e-3}})

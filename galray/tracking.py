@@ -153,3 +153,46 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         if self.active and self.run_id:
             self._client.set_terminated(self.run_id, status=status)
+
+
+class StageRun:
+    """MLflow run of a row-reading stage (embed, encode): params, throttled progress, the final summary.
+
+    Progress is logged at most every ``every_s`` seconds, so a billion-row job writes a few thousand
+    points, not one per batch; the step is the number of rows done.
+    """
+
+    def __init__(self, cfg: TrackingConfig, stage: str, job: Any, output: str, every_s: float = 10.0):
+        import time
+
+        self.tracker = Tracker(cfg.resolved(), run_name=f"{stage}: {output.rstrip('/').rsplit('/', 1)[-1]}",
+                               tags={"galray.stage": stage, "galray.output": output})
+        self.tracker.log_params(job)
+        self.every_s = every_s
+        self._t0 = self._last = time.perf_counter()
+        self._clock = time.perf_counter
+
+    @property
+    def run_id(self) -> str | None:
+        return self.tracker.run_id
+
+    def progress(self, rows_done: int, force: bool = False, **extra: float) -> None:
+        now = self._clock()
+        if not self.tracker.active or (not force and now - self._last < self.every_s):
+            return
+        self._last = now
+        elapsed = now - self._t0
+        self.tracker.log_metrics({"rows_done": rows_done, "rows_per_s": rows_done / elapsed if elapsed > 0 else 0.0,
+                                  **extra}, step=rows_done)
+
+    def finish(self, summary: Any | None, extra: Mapping[str, float] | None = None) -> None:
+        """Log the summary's figures (``rows_in``, ``rows_out``, ``rows_errored``, ``seconds``, ...) and close the run.
+
+        ``summary=None`` marks the run FAILED (the stage raised).
+        """
+        if summary is None:
+            self.tracker.finish("FAILED")
+            return
+        figures = {k: v for k, v in summary.to_json().items() if isinstance(v, (int, float))}
+        self.tracker.log_metrics({**figures, **(extra or {})}, step=summary.rows_in)
+        self.tracker.finish()

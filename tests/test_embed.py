@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,6 +32,7 @@ from galray.embed import (EMBEDDING_COLUMN, EmbedJob, Embedder, ImagePlan, embed
 from galray.models.backbones import (BackboneConfig, BackboneError, UnsafeWeightsError, create_backbone,
                                      embedding_dim, load_weights_file, to_model_input)
 from galray.storage import arrow_filesystem
+from galray.tracking import TrackingConfig
 
 SIZE = 32
 MODEL = "test_convnext"
@@ -178,6 +180,22 @@ def test_preprocessing_paths_and_errors():
         prepare_image(b"\x89PNG\r\n\x1a\n broken", eplan)
 
 
+def test_compiled_inference_equals_eager_with_padded_and_chunked_batches():
+    """torch.compile (fixed batch shape) gives the eager model's embeddings for short, exact and long batches."""
+    from galray.models.inference import InferenceModel
+
+    b = create_backbone(BackboneConfig(MODEL, pretrained=False, input_size=SIZE))
+    eager = InferenceModel(b.model, b.preprocessing, batch_size=4)
+    compiled = InferenceModel(b.model, b.preprocessing, batch_size=4, compile=True)
+    pixels = torch.randint(0, 256, (11, 3, SIZE, SIZE), dtype=torch.uint8)
+    with torch.inference_mode():
+        want = b.model(to_model_input(pixels, b.preprocessing))
+    for n in (1, 4, 11):  # padded to 4; exact; cut into 4 + 4 + 3
+        torch.testing.assert_close(eager(pixels[:n]), want[:n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(pixels[:n]), want[:n], rtol=1e-4, atol=1e-4)
+    assert compiled.compiled and not eager.compiled
+
+
 def test_models_and_embed_module_stay_free_of_the_ray_layer():
     code = ("import sys, galray.embed; bad = {'ray', 'mlflow', 'boto3', 'torch'} & set(sys.modules); "
             "import galray.models.backbones; bad |= {'ray', 'mlflow', 'boto3'} & set(sys.modules); print(sorted(bad))")
@@ -207,8 +225,18 @@ def test_s3_pipeline_equals_direct_model_writes_errors_and_resumes(s3_env, ray_s
     weights = tmp_path / "w.safetensors"
     save_file(model.state_dict(), str(weights))
 
-    summary = embed_dataset(src, dst, MODEL, weights=str(weights), input_size=SIZE, batch_size=5, actors=1)
+    tracking = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="embed-test")
+    summary = embed_dataset(src, dst, MODEL, weights=str(weights), input_size=SIZE, batch_size=5, actors=1,
+                            tracking=tracking)
     assert (summary.rows_in, summary.rows_out, summary.rows_errored, summary.skipped_shards) == (24, 22, 2, 0)
+    # The run is in MLflow: settings as params, the summary's figures as metrics.
+    client = mlflow.MlflowClient(tracking_uri=tracking.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("embed-test").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["galray.stage"] == "embed"
+    assert run.data.params["model"] == MODEL and run.data.params["output"] == dst
+    m = run.data.metrics
+    assert (m["rows_in"], m["rows_out"], m["rows_errored"], m["actors"], m["embedding_dim"]) == (24, 22, 2, 1, 64)
+    assert m["rows_per_s"] > 0 and m["duplicates_dropped"] == 0
     ids, emb, meta = read_embeddings(dst)
     assert len(ids) == len(set(ids)) and set(ids) == set(images) - bad
     np.testing.assert_allclose(emb, _reference(np.stack([images[i] for i in ids]), weights), rtol=1e-4, atol=1e-5)
