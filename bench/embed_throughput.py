@@ -1,21 +1,30 @@
 """Embedding throughput: the model's own limit, a naive loop, and galray's Ray Data pipeline.
 
-One realistic backbone (convnext_nano at its native 224 px, random weights: speed does not depend
-on them), on cutout stores of 64 px uint8 colour images that must be resized to 224:
+One realistic backbone, convnext_nano at its native 224 px (random weights: speed does not depend
+on them), on stores of 256 px JPEG colour cutouts, the form a cutout service (Legacy Survey,
+Galaxy Zoo DESI) hands out, which must be decoded and resized to 224:
 
-(a) model only: forward passes on preprocessed tensors already in memory, the upper bound;
-(b) naive: one process reads each shard, preprocesses image by image, runs the model and writes
-    the shard's embeddings, one step after another (on the 10N store, model creation included, as
-    the pipeline's figure includes its actor's start);
+(a) model only: forward passes on preprocessed tensors already in memory, the limit. It runs the
+    same replicas the pipeline runs (same count, torch threads, batch size, and torch.compile
+    setting, through the same ``galray.models.inference.InferenceModel``), as parallel processes
+    started together; the figure is all their images over the slowest one's time. For context the
+    JSON also gives the textbook figure, one eager process with every core
+    (``img_per_s_model_only_eager_1proc``).
+(b) naive: what one writes without galray. One process, every core, the eager model: read a shard,
+    decode and resize image by image, run the model, write the shard's embeddings, one step after
+    another. Model creation included. Run on the 10N store.
 (c) pipeline: ``galray.embed.embed_store`` from the store to the output store, in a fresh process
-    with its own local Ray (time from the call to the summary: actor start and model load included,
-    Ray's own start excluded, as a cluster is up before a job). Measured at N and 10N rows; the
-    throughput reported is the 10N run's, the peak RSS is the whole process tree's (driver, raylet,
-    GCS, workers) sampled every 0.1 s, for each run.
+    with its own local Ray, at N and at 10N rows. On a CPU-only machine it runs one single-threaded
+    replica per core (several single-threaded replicas use the cores better than one multi-threaded
+    one) and leaves half a CPU to the preprocessing tasks; on a GPU machine, one replica per GPU.
+    ``img_per_s_pipeline`` is the steady rate, 9N / (t(10N) - t(N)): the fixed start-up cost (actor
+    start, model load, compilation), the same in both runs, cancels, as it does on a store of
+    millions of rows. The end-to-end rate of the 10N run, start-up included, and the start-up itself
+    are reported beside it (``img_per_s_pipeline_end_to_end``, ``pipeline_startup_s``).
+    Peak RSS is the whole process tree's (driver, raylet, GCS, workers), sampled every 0.1 s.
+    MLflow tracking is off in these runs (it adds a fixed start-up only).
 
-All three use the same torch thread count (default: every core) and batch size.
-Sizes: --quick N=16 (10N=160) batch 16; full N=64 (10N=640) batch 32. On a 2-core box convnext_nano
-at 224 px runs ~45 img/s when the machine is otherwise idle, so --quick fits in 3 minutes there.
+Sizes: --quick N=200 (10N=2,000) batch 16, about 5 minutes on 2 cores; full N=1,000 batch 32.
 
     python3 bench/embed_throughput.py --quick --json OUT.json
 """
@@ -23,7 +32,9 @@ at 224 px runs ~45 img/s when the machine is otherwise idle, so --quick fits in 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -35,52 +46,81 @@ from pathlib import Path
 import numpy as np
 
 MODEL = "convnext_nano"
-IMAGE_SIZE = 64
+IMAGE_SIZE = 256
+PREPROCESS_CPUS = 0.5
 
 
 def make_store(uri: str, rows: int, shard_rows: int, seed: int = 0) -> None:
-    """uint8 (64, 64, 3) galaxy-like blobs plus noise, in shards of ``shard_rows``."""
-    from galray.data.shards import ImageSpec, make_table, shard_name, write_table
+    """256 px JPEG (quality 90) colour cutouts: a galaxy-like blob, a neighbour, sky noise."""
+    import pyarrow as pa
+    from PIL import Image
+
+    from galray.data.shards import shard_name, write_table
     from galray.storage import arrow_filesystem
 
-    spec = ImageSpec(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), bands=("g", "r", "z"))
     rng = np.random.default_rng(seed)
     fs, root = arrow_filesystem(uri)
     yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE] - IMAGE_SIZE / 2
     for s, start in enumerate(range(0, rows, shard_rows)):
         n = min(shard_rows, rows - start)
-        r = rng.uniform(3, 12, (n, 1, 1))
-        blob = np.exp(-(xx ** 2 + yy ** 2)[None] / (2 * r ** 2))[..., None] * rng.uniform(80, 250, (n, 1, 1, 3))
-        images = np.clip(blob + rng.normal(10, 4, (n, IMAGE_SIZE, IMAGE_SIZE, 3)), 0, 255).astype(np.uint8)
-        ids = np.array([f"bench-{i:08d}" for i in range(start, start + n)], dtype=object)
-        write_table(make_table({"object_id": ids, "image": images}, spec), fs, f"{root}/{shard_name(s)}")
+        blobs = []
+        for _ in range(n):
+            r, (dx, dy) = rng.uniform(6, 30), rng.uniform(-90, 90, 2)
+            img = np.exp(-(xx ** 2 + yy ** 2) / (2 * r ** 2))[..., None] * rng.uniform(80, 250, 3)
+            img += np.exp(-((xx - dx) ** 2 + (yy - dy) ** 2) / 18)[..., None] * rng.uniform(40, 200, 3)
+            img = np.clip(img + rng.normal(12, 5, img.shape), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, "JPEG", quality=90)
+            blobs.append(buf.getvalue())
+        ids = [f"bench-{i:08d}" for i in range(start, start + n)]
+        write_table(pa.table({"object_id": ids, "image": pa.array(blobs, pa.binary())}), fs, f"{root}/{shard_name(s)}")
 
 
-def model_only(rows: int, batch: int) -> float:
-    """img/s of forward passes alone on in-memory preprocessed inputs."""
+# --- (a) model only ---------------------------------------------------------------------------------
+
+def _replica(threads: int, batch: int, batches: int, compile: bool, barrier, results) -> None:
     import torch
 
-    from galray.models.backbones import BackboneConfig, create_backbone, to_model_input
+    from galray.models.backbones import BackboneConfig, create_backbone
+    from galray.models.inference import InferenceModel
 
+    torch.set_num_threads(threads)
     b = create_backbone(BackboneConfig(MODEL, pretrained=False))
+    runner = InferenceModel(b.model, b.preprocessing, batch, compile=compile)  # compiles now, if asked
     s = b.preprocessing.input_size
-    x = to_model_input(torch.randint(0, 256, (rows, 3, s, s), dtype=torch.uint8), b.preprocessing)
-    with torch.inference_mode():
-        b.model(x[:batch])  # warm-up: allocator, kernels
-        t0 = time.perf_counter()
-        for i in range(0, rows, batch):
-            b.model(x[i:i + batch])
-        return rows / (time.perf_counter() - t0)
+    x = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8)
+    runner(x)  # warm-up: allocator, kernels
+    barrier.wait()
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        runner(x)
+    results.put((batches * batch, time.perf_counter() - t0))
 
+
+def model_only(replicas: int, threads: int, batch: int, batches: int, compile: bool) -> float:
+    """img/s of ``replicas`` processes running forward passes together on in-memory pixels."""
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(replicas), ctx.Queue()
+    procs = [ctx.Process(target=_replica, args=(threads, batch, batches, compile, barrier, results))
+             for _ in range(replicas)]
+    for p in procs:
+        p.start()
+    done = [results.get(timeout=1800) for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(n for n, _ in done) / max(t for _, t in done)
+
+
+# --- (b) naive ----------------------------------------------------------------------------------------
 
 def naive(store: str, out: str, batch: int) -> tuple[float, int]:
-    """img/s of a plain loop: read shard -> preprocess each image -> forward -> write, sequentially."""
+    """img/s of a plain loop: read shard -> decode + resize each image -> forward -> write, sequentially."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
-    from galray.data.cutouts import CropResizeConfig, crop_resize
-    from galray.data.shards import images_from_table, list_parquet
+    from galray.data.cutouts import CropResizeConfig, crop_resize, decode_image
+    from galray.data.shards import list_parquet
     from galray.models.backbones import BackboneConfig, create_backbone, to_model_input
     from galray.storage import arrow_filesystem
 
@@ -92,8 +132,8 @@ def naive(store: str, out: str, batch: int) -> tuple[float, int]:
     n = 0
     for info in list_parquet(fs, root):
         table = pq.read_table(info.path, filesystem=fs)
-        images = images_from_table(table)
-        pixels = np.stack([crop_resize(img, crop).transpose(2, 0, 1) for img in images])
+        pixels = np.stack([crop_resize(decode_image(blob), crop).transpose(2, 0, 1)
+                           for blob in table.column("image").to_pylist()])
         embs = []
         with torch.inference_mode():
             for i in range(0, len(pixels), batch):
@@ -103,11 +143,11 @@ def naive(store: str, out: str, batch: int) -> tuple[float, int]:
         pq.write_table(pa.table({"object_id": table.column("object_id"),
                                  "embedding": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])}),
                        f"{out}/{info.base_name}")
-        n += len(images)
+        n += len(pixels)
     return n / (time.perf_counter() - t0), n
 
 
-# --- the pipeline, in a child process whose whole tree we measure ----------------------------------
+# --- (c) the pipeline, in a child process whose whole tree we measure ----------------------------------
 
 def tree_rss_bytes(root_pid: int) -> int:
     """Sum of VmRSS over ``root_pid`` and all its descendants (Linux /proc)."""
@@ -136,14 +176,17 @@ def tree_rss_bytes(root_pid: int) -> int:
     return sum(rss.get(p, 0) for p in tree)
 
 
-def pipeline_child(store: str, out: str, batch: int, threads: int) -> None:
+def pipeline_child(store: str, out: str, batch: int, replicas: int, threads: int, compile: bool) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from galray.embed import EmbedJob, embed_store
     from galray.session import ensure_ray
+    from galray.tracking import TrackingConfig
 
-    ensure_ray(num_cpus=os.cpu_count())
-    job = EmbedJob(input=store, output=out, model=MODEL, pretrained=False, batch_size=batch, actors=1,
-                   torch_threads=threads, cpus_per_actor=1, preprocess_cpus=1)
+    cpus = os.cpu_count() or 1
+    ensure_ray(num_cpus=cpus)
+    job = EmbedJob(input=store, output=out, model=MODEL, pretrained=False, batch_size=batch, actors=replicas,
+                   torch_threads=threads, cpus_per_actor=(cpus - PREPROCESS_CPUS) / replicas,
+                   preprocess_cpus=PREPROCESS_CPUS, compile=compile, tracking=TrackingConfig(enabled=False))
     t0 = time.perf_counter()
     summary = embed_store(job)
     seconds = time.perf_counter() - t0
@@ -151,11 +194,12 @@ def pipeline_child(store: str, out: str, batch: int, threads: int) -> None:
     print("RESULT " + json.dumps({"seconds": seconds, "rows": summary.rows_out}), flush=True)
 
 
-def run_pipeline(store: str, out: str, batch: int, threads: int) -> tuple[float, float, int]:
-    """(img/s, peak RSS of the process tree in MB, rows) of one pipeline run in a fresh process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, __file__, "--child", store, out, str(batch), str(threads)],
-                            stdout=subprocess.PIPE, text=True, env=env)
+def run_pipeline(store: str, out: str, batch: int, replicas: int, threads: int,
+                 compile: bool) -> tuple[float, float, int]:
+    """(seconds, peak RSS of the process tree in MB, rows) of one pipeline run in a fresh process."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, __file__, "--child", store, out, str(batch), str(replicas), str(threads),
+                             str(int(compile))], stdout=subprocess.PIPE, text=True, env=env)
     peak = 0
     stop = threading.Event()
 
@@ -173,55 +217,73 @@ def run_pipeline(store: str, out: str, batch: int, threads: int) -> tuple[float,
     if proc.returncode != 0:
         raise RuntimeError(f"pipeline run failed with exit code {proc.returncode}")
     result = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
-    return result["rows"] / result["seconds"], peak / 2 ** 20, result["rows"]
+    return result["seconds"], peak / 2 ** 20, result["rows"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="N=16 rows (10N=160), batch 16: under 3 min on 2 cores")
+    parser.add_argument("--quick", action="store_true", help="N=200 rows (10N=2,000), batch 16: ~5 min on 2 cores")
     parser.add_argument("--json", metavar="PATH", help="write the figures here as one JSON object")
-    parser.add_argument("--rows", type=int, help="N (default 16 quick, 64 full)")
+    parser.add_argument("--rows", type=int, help="N (default 200 quick, 1000 full)")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default 16 quick, 32 full)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--replicas", type=int, default=os.cpu_count(),
+                        help="model replicas in the pipeline and in the model-only limit (default: one per core)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per replica (default 1)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="run the replicas eagerly instead of under torch.compile")
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        store, out, batch, threads = args.child
-        import torch
-
-        torch.set_num_threads(int(threads))
-        pipeline_child(store, out, int(batch), int(threads))
+        store, out, batch, replicas, threads, compile = args.child
+        pipeline_child(store, out, int(batch), int(replicas), int(threads), bool(int(compile)))
         return
 
     import torch
 
-    torch.set_num_threads(args.threads)
-    n = args.rows or (16 if args.quick else 64)
+    cores = os.cpu_count() or 1
+    n = args.rows or (200 if args.quick else 1000)
     batch = args.batch_size or (16 if args.quick else 32)
     shard_rows = max(4, n // 2)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="galray-bench-embed-") as tmp:
         make_store(f"{tmp}/store_n", n, shard_rows)
         make_store(f"{tmp}/store_10n", 10 * n, shard_rows, seed=1)
-        ips_model = model_only(max(n, 2 * batch), batch)
-        print(f"model only: {ips_model:.1f} img/s", file=sys.stderr)
+        batches = max(4, n // (batch * args.replicas))
+        ips_model = model_only(args.replicas, args.threads, batch, batches, args.compile)
+        print(f"model only, {args.replicas} replica(s) x {args.threads} thread(s), compile={args.compile}: "
+              f"{ips_model:.1f} img/s", file=sys.stderr)
+        ips_eager_1proc = model_only(1, cores, batch, batches, compile=False)
+        print(f"model only, 1 eager process x {cores} threads: {ips_eager_1proc:.1f} img/s", file=sys.stderr)
+        torch.set_num_threads(cores)
         ips_naive, rows_naive = naive(f"{tmp}/store_10n", f"{tmp}/naive_out", batch)
         print(f"naive loop on 10N={rows_naive}: {ips_naive:.1f} img/s", file=sys.stderr)
-        ips_n, rss_n, rows_n = run_pipeline(f"{tmp}/store_n", f"{tmp}/out_n", batch, args.threads)
-        print(f"pipeline N={rows_n}: {ips_n:.1f} img/s, peak RSS {rss_n:.0f} MB", file=sys.stderr)
-        ips_10n, rss_10n, rows_10n = run_pipeline(f"{tmp}/store_10n", f"{tmp}/out_10n", batch, args.threads)
-        print(f"pipeline 10N={rows_10n}: {ips_10n:.1f} img/s, peak RSS {rss_10n:.0f} MB", file=sys.stderr)
+        t_n, rss_n, rows_n = run_pipeline(f"{tmp}/store_n", f"{tmp}/out_n", batch, args.replicas, args.threads,
+                                          args.compile)
+        print(f"pipeline N={rows_n}: {t_n:.1f} s, peak RSS {rss_n:.0f} MB", file=sys.stderr)
+        t_10n, rss_10n, rows_10n = run_pipeline(f"{tmp}/store_10n", f"{tmp}/out_10n", batch, args.replicas,
+                                                args.threads, args.compile)
+        print(f"pipeline 10N={rows_10n}: {t_10n:.1f} s, peak RSS {rss_10n:.0f} MB", file=sys.stderr)
         assert rows_n == n and rows_10n == 10 * n, "the pipeline lost rows"
+    ips_pipeline = 9 * n / (t_10n - t_n)
     result = {
         "model": MODEL,
         "rows": n,
         "img_per_s_model_only": round(ips_model, 2),
         "img_per_s_naive": round(ips_naive, 2),
-        "img_per_s_pipeline": round(ips_10n, 2),
-        "ratio_pipeline_to_model": round(ips_10n / ips_model, 3),
-        "ratio_pipeline_to_naive": round(ips_10n / ips_naive, 3),
+        "img_per_s_pipeline": round(ips_pipeline, 2),
+        "ratio_pipeline_to_model": round(ips_pipeline / ips_model, 3),
+        "ratio_pipeline_to_naive": round(ips_pipeline / ips_naive, 3),
         "peak_rss_mb_n": round(rss_n, 1),
         "peak_rss_mb_10n": round(rss_10n, 1),
+        "img_per_s_pipeline_end_to_end": round(10 * n / t_10n, 2),
+        "pipeline_startup_s": round(t_n - n / ips_pipeline, 1),
+        "img_per_s_model_only_eager_1proc": round(ips_eager_1proc, 2),
+        "replicas": args.replicas,
+        "threads_per_replica": args.threads,
+        "compile": args.compile,
+        "batch_size": batch,
+        "input": f"{IMAGE_SIZE} px JPEG, resized to 224",
+        "cores": cores,
     }
     print(f"total {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
     text = json.dumps(result, indent=2)

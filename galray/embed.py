@@ -2,8 +2,10 @@
 
 The pipeline (Ray Data, streaming; nothing is held in memory whole)::
 
-    read_parquet(unfinished shards)            one read task per shard, object_id + image only
-      -> map_batches(preprocess_batch)         CPU tasks: decode, stretch, crop + resize, HWC -> CHW
+    from_items(unfinished shard paths)
+      -> map_batches(read_preprocess)          CPU tasks, one per shard, streaming it record batch by
+                                               record batch (object_id + image only): decode, stretch,
+                                               crop + resize, HWC -> CHW
       -> map_batches(Embedder, actor pool)     fixed pool, each actor loads the model once;
                                                inference_mode, bf16 autocast + channels_last on GPU
       -> driver: regroup rows by source shard, write each finished shard once
@@ -49,7 +51,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -61,7 +63,7 @@ from galray.config import ConfigError, check, dumps
 from galray.data.cutouts import (CropResizeConfig, CutoutError, StretchConfig, asinh_stretch, check_shape,
                                  crop_resize, decode_image, flux_to_rgb)
 from galray.data.shards import (CONFIG_NAME, ERRORS_DIR, ID_COLUMN, IMAGE_COLUMN, META_KEY, ImageSpec,
-                                errors_table, list_parquet, read_metadata, write_table)
+                                errors_table, images_from_table, list_parquet, read_metadata, write_table)
 from galray.data.resume import plan_shard_work
 from galray.stage_summary import StageSummary
 from galray.storage import StorageConfig, StorageError, arrow_filesystem, join, write_text
@@ -77,7 +79,7 @@ log = logging.getLogger(__name__)
 EMBEDDING_COLUMN = "embedding"
 EMBED_STORE_VERSION = 1
 STAGE = "embed"
-PATH_COLUMN = "path"  # added by read_parquet(include_paths=True): the source shard of each row
+PATH_COLUMN = "path"  # the source shard of each row, carried to the driver, which regroups rows by it
 PIXELS_COLUMN = "pixels"
 ERROR_COLUMN = "error"
 
@@ -255,6 +257,25 @@ def preprocess_batch(batch: dict[str, np.ndarray], plan: ImagePlan) -> dict[str,
         except CutoutError as err:
             errors[i] = f"preprocess: {err}"
     return {ID_COLUMN: batch[ID_COLUMN], PATH_COLUMN: batch[PATH_COLUMN], PIXELS_COLUMN: pixels, ERROR_COLUMN: errors}
+
+
+def read_preprocess(batch: dict[str, np.ndarray], plan: ImagePlan, fs: pafs.FileSystem,
+                    batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data generator: shard paths in, their rows preprocessed (:func:`preprocess_batch`) out.
+
+    Streams each shard one Parquet record batch at a time, reading only the id and image columns,
+    so a task holds one batch in memory whatever the shard's size.
+    """
+    for path in batch[PATH_COLUMN]:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            for rb in pf.iter_batches(batch_size=batch_size, columns=[ID_COLUMN, plan.column]):
+                table = pa.Table.from_batches([rb]).replace_schema_metadata(pf.schema_arrow.metadata)
+                col = table.column(plan.column)
+                images = images_from_table(table) if plan.encoding == "tensor" else col.to_numpy(zero_copy_only=False)
+                ids = table.column(ID_COLUMN).to_numpy(zero_copy_only=False)
+                yield preprocess_batch({ID_COLUMN: ids, plan.column: images,
+                                        PATH_COLUMN: np.full(len(ids), path, dtype=object)}, plan)
 
 
 # --- inference (actors) ---------------------------------------------------------------------------
@@ -501,13 +522,15 @@ def _pipeline(job: EmbedJob, todo: list[pafs.FileInfo], rows: dict[str, int], fs
     """The lazy Ray Data plan: read the unfinished shards, preprocess on CPU tasks, embed in the actor pool."""
     import ray
 
-    ds = ray.data.read_parquet([s.path for s in todo if rows[shard_stem(s.path)] > 0], filesystem=fs_in,
-                               include_paths=True, partitioning=None)
-    ds = ds.select_columns([ID_COLUMN, plan.column, PATH_COLUMN])  # pushed down into the Parquet read
-    # Preprocessing declares its memory and the actors do not: different resource shapes keep Ray
-    # from fusing the two stages, which would run the CPU work serially inside the model's actor.
-    ds = ds.map_batches(preprocess_batch, fn_kwargs={"plan": plan}, batch_size=job.batch_size,
-                        batch_format="numpy", num_cpus=job.preprocess_cpus,
+    # One CPU task per shard reads it record batch by record batch and preprocesses each. Ray Data's
+    # own Parquet reader is not used: its file-listing tasks ask for a whole CPU each, so a pool
+    # holding all but a fraction of the CPUs (the best layout on a CPU-only machine) would leave the
+    # listing unschedulable and the job waiting for ever. Resources differ from the actors' (memory is
+    # declared here, not there), which keeps Ray from fusing the CPU work into the model's actor.
+    paths = [s.path for s in todo if rows[shard_stem(s.path)] > 0]
+    ds = ray.data.from_items([{PATH_COLUMN: p} for p in paths], override_num_blocks=len(paths))
+    ds = ds.map_batches(read_preprocess, fn_kwargs={"plan": plan, "fs": fs_in, "batch_size": job.batch_size},
+                        batch_size=1, batch_format="numpy", num_cpus=job.preprocess_cpus,
                         memory=preprocess_memory(plan, job.batch_size))
     # The fixed pool restarts a killed actor and re-runs the batches it held: Ray Data's actor
     # pools default to max_restarts=-1, max_task_retries=-1, which exactly-once output relies on.
