@@ -21,10 +21,12 @@ Galaxy Zoo DESI) hands out, which must be decoded and resized to 224:
     start, model load, compilation), the same in both runs, cancels, as it does on a store of
     millions of rows. The end-to-end rate of the 10N run, start-up included, and the start-up itself
     are reported beside it (``img_per_s_pipeline_end_to_end``, ``pipeline_startup_s``).
-    Peak RSS is the whole process tree's (driver, raylet, GCS, workers), sampled every 0.1 s.
+    Peak RSS is the whole process tree's (driver, raylet, GCS, workers), sampled every 0.5 s.
     MLflow tracking is off in these runs (it adds a fixed start-up only).
 
-Sizes: --quick N=200 (10N=2,000) batch 16, about 5 minutes on 2 cores; full N=1,000 batch 32.
+Sizes: --quick N=400 (10N=4,000) batch 16, about 8 minutes on 2 cores; full N=2,000 batch 32. N must be
+large enough for the N run to reach the replicas' steady memory (compiled kernels' buffers, the
+allocator's arenas, the object-store pages they read), or the N/10N memory ratio measures warm-up.
 
     python3 bench/embed_throughput.py --quick --json OUT.json
 """
@@ -48,6 +50,7 @@ import numpy as np
 MODEL = "convnext_nano"
 IMAGE_SIZE = 256
 PREPROCESS_CPUS = 0.5
+SHARD_ROWS = 500  # cutouts per Parquet shard (galray simulate writes 1,000)
 
 
 def make_store(uri: str, rows: int, shard_rows: int, seed: int = 0) -> None:
@@ -207,7 +210,7 @@ def run_pipeline(store: str, out: str, batch: int, replicas: int, threads: int,
         nonlocal peak
         while not stop.is_set():
             peak = max(peak, tree_rss_bytes(proc.pid))
-            stop.wait(0.1)
+            stop.wait(0.5)  # a /proc scan costs CPU the niced Ray workers would lose; RSS moves slowly
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -222,9 +225,9 @@ def run_pipeline(store: str, out: str, batch: int, replicas: int, threads: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="N=200 rows (10N=2,000), batch 16: ~5 min on 2 cores")
+    parser.add_argument("--quick", action="store_true", help="N=400 rows (10N=4,000), batch 16: ~8 min on 2 cores")
     parser.add_argument("--json", metavar="PATH", help="write the figures here as one JSON object")
-    parser.add_argument("--rows", type=int, help="N (default 200 quick, 1000 full)")
+    parser.add_argument("--rows", type=int, help="N (default 400 quick, 2000 full)")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default 16 quick, 32 full)")
     parser.add_argument("--replicas", type=int, default=os.cpu_count(),
                         help="model replicas in the pipeline and in the model-only limit (default: one per core)")
@@ -241,9 +244,9 @@ def main() -> None:
     import torch
 
     cores = os.cpu_count() or 1
-    n = args.rows or (200 if args.quick else 1000)
+    n = args.rows or (400 if args.quick else 2000)
     batch = args.batch_size or (16 if args.quick else 32)
-    shard_rows = max(4, n // 2)
+    shard_rows = SHARD_ROWS
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="galray-bench-embed-") as tmp:
         make_store(f"{tmp}/store_n", n, shard_rows)
