@@ -65,7 +65,7 @@ from galray.data.cutouts import (CropResizeConfig, CutoutError, StretchConfig, a
 from galray.data.shards import (CONFIG_NAME, ERRORS_DIR, ID_COLUMN, IMAGE_COLUMN, META_KEY, ImageSpec,
                                 errors_table, images_from_table, list_parquet, read_metadata, write_table)
 from galray.data.resume import plan_shard_work
-from galray.stage_summary import StageSummary
+from galray.stage_summary import StageSummary, SteadyRate
 from galray.storage import StorageConfig, StorageError, arrow_filesystem, join, write_text
 from galray.tracking import StageRun, TrackingConfig
 
@@ -82,6 +82,7 @@ STAGE = "embed"
 PATH_COLUMN = "path"  # the source shard of each row, carried to the driver, which regroups rows by it
 PIXELS_COLUMN = "pixels"
 ERROR_COLUMN = "error"
+MIN_INFLIGHT_BYTES = 32 << 20  # floor of the in-flight cap: tiny batches still flow in bundles
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,9 @@ class EmbedJob:
     compile: bool = False
     """torch.compile the backbone in each actor: faster forward passes (convnext_nano on CPU: ~1.3x) for a one-off
     compile of 15-35 s per actor; worth it for large stores. Needs a C++ compiler on CPU."""
+    inflight_batches: int = 8
+    """Preprocessed batches allowed in flight per replica: memory stays flat (at most actors x inflight_batches
+    batches of pixels in the object store) whatever the size of the store."""
     preprocess_cpus: float = 1.0
     """CPUs per preprocessing task (a different resource shape from the actors, so Ray never fuses the two)."""
     overwrite: bool = False
@@ -141,6 +145,7 @@ class EmbedJob:
         check(self.cpus_per_actor > 0, "cpus_per_actor", "must be positive")
         check(self.torch_threads is None or self.torch_threads >= 1, "torch_threads", "must be at least 1")
         check(self.preprocess_cpus > 0, "preprocess_cpus", "must be positive")
+        check(self.inflight_batches >= 2, "inflight_batches", "must be at least 2 (one running, one waiting)")
 
     def backbone_config(self) -> "BackboneConfig":
         from galray.models.backbones import BackboneConfig
@@ -259,18 +264,45 @@ def preprocess_batch(batch: dict[str, np.ndarray], plan: ImagePlan) -> dict[str,
     return {ID_COLUMN: batch[ID_COLUMN], PATH_COLUMN: batch[PATH_COLUMN], PIXELS_COLUMN: pixels, ERROR_COLUMN: errors}
 
 
+def exact_batches(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.Table]:
+    """Re-cut a stream of record batches into tables of exactly ``size`` rows (the last may be shorter).
+
+    Parquet readers end a batch at every row-group boundary; re-cutting keeps every forward pass
+    full, so a compiled replica never runs a padded batch except at the end of a shard.
+    """
+    pending: list[pa.RecordBatch] = []
+    rows = 0
+    for rb in batches:
+        pending.append(rb)
+        rows += rb.num_rows
+        if rows < size:
+            continue
+        table = pa.Table.from_batches(pending)
+        start = 0
+        while rows - start >= size:
+            yield table.slice(start, size)
+            start += size
+        rest = table.slice(start)
+        pending, rows = rest.to_batches(), rest.num_rows
+    if rows:
+        yield pa.Table.from_batches(pending)
+
+
 def read_preprocess(batch: dict[str, np.ndarray], plan: ImagePlan, fs: pafs.FileSystem,
                     batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data generator: shard paths in, their rows preprocessed (:func:`preprocess_batch`) out.
 
     Streams each shard one Parquet record batch at a time, reading only the id and image columns,
-    so a task holds one batch in memory whatever the shard's size.
+    so a task holds one batch in memory whatever the shard's size. Yields batches of exactly
+    ``batch_size`` rows (the shard's last may be shorter), each of which becomes one block.
     """
     for path in batch[PATH_COLUMN]:
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
-            for rb in pf.iter_batches(batch_size=batch_size, columns=[ID_COLUMN, plan.column]):
-                table = pa.Table.from_batches([rb]).replace_schema_metadata(pf.schema_arrow.metadata)
+            metadata = pf.schema_arrow.metadata
+            for table in exact_batches(pf.iter_batches(batch_size=batch_size, columns=[ID_COLUMN, plan.column]),
+                                       batch_size):
+                table = table.replace_schema_metadata(metadata)
                 col = table.column(plan.column)
                 images = images_from_table(table) if plan.encoding == "tensor" else col.to_numpy(zero_copy_only=False)
                 ids = table.column(ID_COLUMN).to_numpy(zero_copy_only=False)
@@ -498,11 +530,13 @@ def embed_store(job: EmbedJob, embedder_cls: type[Embedder] = Embedder) -> Stage
     write_text(join(job.output, CONFIG_NAME), dumps(job), job.storage)
     run = StageRun(job.tracking, STAGE, job, job.output)
     collector = ShardCollector(rows, sources, fs_out, out_root, meta)
+    rate = SteadyRate(t0)
     try:
         if actors:
             for batch in _pipeline(job, todo, rows, fs_in, plan, dim, actors, embedder_cls).iter_batches(
                     batch_size=None, batch_format="numpy"):
                 collector.add(batch)
+                rate.update(collector.rows_received)
                 run.progress(collector.rows_received, shards_done=len(collector.done))
         written, errored = collector.finish()
     except BaseException:
@@ -511,10 +545,33 @@ def embed_store(job: EmbedJob, embedder_cls: type[Embedder] = Embedder) -> Stage
     if collector.duplicates:
         log.warning("dropped %d replayed duplicate row(s)", collector.duplicates)
     summary = StageSummary(stage=STAGE, rows_in=sum(rows.values()), rows_out=written, rows_errored=errored,
-                           seconds=time.perf_counter() - t0, output=job.output, skipped_shards=len(shards) - len(todo))
+                           seconds=time.perf_counter() - t0, output=job.output, skipped_shards=len(shards) - len(todo),
+                           startup_s=rate.startup_s, steady_rows_per_s=rate.rows_per_s)
     run.finish(summary, {"actors": actors, "duplicates_dropped": collector.duplicates, "embedding_dim": dim})
     summary.check()
     return summary
+
+
+def _bound_inflight(ctx: "ray.data.DataContext", job: EmbedJob, plan: ImagePlan, actors: int) -> None:
+    """Make each preprocessed batch its own block, and cap the pixels in flight (this pipeline's context only).
+
+    - Block = one batch. Ray Data gathers a task's outputs into blocks of up to
+      ``target_max_block_size`` (128 MiB by default): a whole shard's pixels would become one
+      block, so a replica could not start on a shard until all of it was preprocessed, and the data
+      in flight would grow with the shard size. A target just under one batch's bytes emits every
+      yielded batch as it is (Ray slices a block only beyond 1.5x the target).
+    - Cap. Ray Data's default object-store budget is a fraction of the whole object store (gigabytes),
+      so while the replicas load and compile, preprocessing would run ahead and fill it: memory
+      then grows with the store being read instead of staying flat. The cap,
+      ``actors x inflight_batches`` batches, keeps every replica fed (measured: replicas busy 100%
+      with 8 a replica on 2 CPU cores) and bounds the pixels in flight whatever the store's size.
+    """
+    batch_bytes = job.batch_size * plan.in_chans * plan.size ** 2 * plan.pixel_dtype.itemsize
+    ctx.target_max_block_size = max(1, int(0.8 * batch_bytes))
+    cap = max(actors * job.inflight_batches * batch_bytes, MIN_INFLIGHT_BYTES)
+    limits = ctx.execution_options.resource_limits
+    if limits.object_store_memory is None or limits.object_store_memory > cap:  # a user's tighter limit stays
+        ctx.execution_options.resource_limits = limits.copy(object_store_memory=cap)
 
 
 def _pipeline(job: EmbedJob, todo: list[pafs.FileInfo], rows: dict[str, int], fs_in: pafs.FileSystem,
@@ -529,6 +586,7 @@ def _pipeline(job: EmbedJob, todo: list[pafs.FileInfo], rows: dict[str, int], fs
     # declared here, not there), which keeps Ray from fusing the CPU work into the model's actor.
     paths = [s.path for s in todo if rows[shard_stem(s.path)] > 0]
     ds = ray.data.from_items([{PATH_COLUMN: p} for p in paths], override_num_blocks=len(paths))
+    _bound_inflight(ds.context, job, plan, actors)
     ds = ds.map_batches(read_preprocess, fn_kwargs={"plan": plan, "fs": fs_in, "batch_size": job.batch_size},
                         batch_size=1, batch_format="numpy", num_cpus=job.preprocess_cpus,
                         memory=preprocess_memory(plan, job.batch_size))

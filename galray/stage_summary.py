@@ -6,8 +6,9 @@ Convention (ARCHITECTURE.md): rows in, rows out, rows errored, wall time, rows/s
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,10 @@ class StageSummary:
     seconds: float
     output: str = ""
     skipped_shards: int = 0
+    startup_s: float | None = None
+    """Seconds until the first rows came back (workers, model load, compilation); None if not measured."""
+    steady_rows_per_s: float | None = None
+    """Rows/s from the first rows back to the last: the rate a long run settles at, start-up excluded."""
 
     @property
     def rows_per_s(self) -> float:
@@ -32,9 +37,40 @@ class StageSummary:
 
     def format(self) -> str:
         skipped = f", {self.skipped_shards} finished shard(s) skipped" if self.skipped_shards else ""
+        steady = (f" (start-up {self.startup_s:.1f} s, then {self.steady_rows_per_s:,.1f} rows/s)"
+                  if self.startup_s is not None and self.steady_rows_per_s is not None else "")
         return (f"{self.stage}: {self.rows_in:,} rows in, {self.rows_out:,} out, {self.rows_errored:,} errored, "
-                f"{self.seconds:.1f} s, {self.rows_per_s:,.1f} rows/s{skipped}"
+                f"{self.seconds:.1f} s, {self.rows_per_s:,.1f} rows/s{steady}{skipped}"
                 + (f" -> {self.output}" if self.output else ""))
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "rows_per_s": round(self.rows_per_s, 2)}
+
+
+class SteadyRate:
+    """Start-up and steady rate of a streaming job: when the first rows came back, and the rate after.
+
+    The rate counts the rows that came back after the first arrival, over the time from that
+    arrival to the last: the figure a run over millions of rows converges to.
+    """
+
+    def __init__(self, t0: float, clock: Callable[[], float] = time.perf_counter):
+        self.t0, self.clock = t0, clock
+        self.first: tuple[float, int] | None = None  # (time, rows done) at the first arrival
+        self.last: tuple[float, int] | None = None
+
+    def update(self, rows_done: int) -> None:
+        now = self.clock()
+        if self.first is None:
+            self.first = (now, rows_done)
+        self.last = (now, rows_done)
+
+    @property
+    def startup_s(self) -> float | None:
+        return None if self.first is None else round(self.first[0] - self.t0, 2)
+
+    @property
+    def rows_per_s(self) -> float | None:
+        if self.first is None or self.last is None or self.last[0] <= self.first[0]:
+            return None
+        return round((self.last[1] - self.first[1]) / (self.last[0] - self.first[0]), 2)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 
 import mlflow
@@ -190,10 +191,60 @@ def test_compiled_inference_equals_eager_with_padded_and_chunked_batches():
     pixels = torch.randint(0, 256, (11, 3, SIZE, SIZE), dtype=torch.uint8)
     with torch.inference_mode():
         want = b.model(to_model_input(pixels, b.preprocessing))
-    for n in (1, 4, 11):  # padded to 4; exact; cut into 4 + 4 + 3
+    for n in (1, 3, 4, 11):  # eager (under 3/4 of a batch); padded to 4; exact; cut into 4 + 4 + 3 (padded)
         torch.testing.assert_close(eager(pixels[:n]), want[:n], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(compiled(pixels[:n]), want[:n], rtol=1e-4, atol=1e-4)
     assert compiled.compiled and not eager.compiled
+
+
+def test_exact_batches_recut_row_groups_into_full_batches():
+    """Parquet batches end at row groups; the re-cut gives full batches and one short tail, rows in order."""
+    from galray.embed import exact_batches
+
+    sizes, start, batches = (5, 3, 10, 1), 0, []
+    for n in sizes:
+        batches.append(pa.record_batch({"i": pa.array(range(start, start + n))}))
+        start += n
+    out = list(exact_batches(iter(batches), 4))
+    assert [t.num_rows for t in out] == [4, 4, 4, 4, 3]
+    assert [v for t in out for v in t.column("i").to_pylist()] == list(range(19))
+    assert [t.num_rows for t in exact_batches(iter(batches[:1]), 8)] == [5]
+
+
+def test_inflight_cap_and_block_size_are_per_pipeline_and_keep_tighter_limits():
+    import ray.data
+
+    from galray.embed import MIN_INFLIGHT_BYTES, _bound_inflight
+
+    plan = ImagePlan("image", "encoded", "HWC", size=224, in_chans=3, float_input=False)
+    job = EmbedJob(input="a", output="b", model=MODEL, batch_size=64, inflight_batches=4)
+    batch_bytes = 64 * 3 * 224 * 224
+    ctx = ray.data.DataContext.get_current().copy()
+    _bound_inflight(ctx, job, plan, actors=3)
+    assert ctx.target_max_block_size == int(0.8 * batch_bytes)  # one yielded batch = one block, never sliced
+    assert ctx.execution_options.resource_limits.object_store_memory == 3 * 4 * batch_bytes
+    assert ray.data.DataContext.get_current().target_max_block_size != ctx.target_max_block_size
+    tight = ray.data.DataContext.get_current().copy()
+    tight.execution_options.resource_limits = tight.execution_options.resource_limits.copy(object_store_memory=1e6)
+    _bound_inflight(tight, dataclass_replace(job, batch_size=1), plan, actors=1)
+    assert tight.execution_options.resource_limits.object_store_memory == 1e6
+    small = ray.data.DataContext.get_current().copy()
+    _bound_inflight(small, dataclass_replace(job, batch_size=1), plan, actors=1)
+    assert small.execution_options.resource_limits.object_store_memory == MIN_INFLIGHT_BYTES
+
+
+def test_steady_rate_excludes_start_up():
+    from galray.stage_summary import StageSummary, SteadyRate
+
+    now = [100.0]
+    rate = SteadyRate(t0=100.0, clock=lambda: now[0])
+    assert rate.startup_s is None and rate.rows_per_s is None
+    for t, rows in ((130.0, 16), (131.0, 32), (140.0, 216)):  # 30 s start-up, then 200 rows in 10 s
+        now[0] = t
+        rate.update(rows)
+    assert rate.startup_s == 30.0 and rate.rows_per_s == 20.0
+    line = StageSummary("embed", 216, 216, 0, 40.0, startup_s=rate.startup_s, steady_rows_per_s=rate.rows_per_s).format()
+    assert "start-up 30.0 s, then 20.0 rows/s" in line
 
 
 def test_models_and_embed_module_stay_free_of_the_ray_layer():
@@ -229,6 +280,7 @@ def test_s3_pipeline_equals_direct_model_writes_errors_and_resumes(s3_env, ray_s
     summary = embed_dataset(src, dst, MODEL, weights=str(weights), input_size=SIZE, batch_size=5, actors=1,
                             tracking=tracking)
     assert (summary.rows_in, summary.rows_out, summary.rows_errored, summary.skipped_shards) == (24, 22, 2, 0)
+    assert 0 < summary.startup_s < summary.seconds and summary.steady_rows_per_s > 0
     # The run is in MLflow: settings as params, the summary's figures as metrics.
     client = mlflow.MlflowClient(tracking_uri=tracking.uri)
     (run,) = client.search_runs([client.get_experiment_by_name("embed-test").experiment_id])
