@@ -7,26 +7,29 @@ Galaxy Zoo DESI) hands out, which must be decoded and resized to 224:
 (a) model only: forward passes on preprocessed tensors already in memory, the limit. It runs the
     same replicas the pipeline runs (same count, torch threads, batch size, and torch.compile
     setting, through the same ``galray.models.inference.InferenceModel``), as parallel processes
-    started together; the figure is all their images over the slowest one's time. For context the
-    JSON also gives the textbook figure, one eager process with every core
+    started together; the figure is all their images over the slowest one's time. This machine's
+    speed drifts by 10-25% over minutes (shared cores), so the replicas are started once and
+    measured twice, before and after the pipeline runs; ``img_per_s_model_only`` is the mean.
+    The full run also gives the textbook figure, one eager process with every core
     (``img_per_s_model_only_eager_1proc``).
 (b) naive: what one writes without galray. One process, every core, the eager model: read a shard,
     decode and resize image by image, run the model, write the shard's embeddings, one step after
-    another. Model creation included. Run on the 10N store.
+    another, over 2N rows. Timed from after model creation (like the pipeline's steady rate), and,
+    like the limit, measured before and after the pipeline runs: ``img_per_s_naive`` is the mean.
 (c) pipeline: ``galray.embed.embed_store`` from the store to the output store, in a fresh process
     with its own local Ray, at N and at 10N rows. On a CPU-only machine it runs one single-threaded
     replica per core (several single-threaded replicas use the cores better than one multi-threaded
     one) and leaves half a CPU to the preprocessing tasks; on a GPU machine, one replica per GPU.
-    ``img_per_s_pipeline`` is the steady rate, 9N / (t(10N) - t(N)): the fixed start-up cost (actor
-    start, model load, compilation), the same in both runs, cancels, as it does on a store of
-    millions of rows. The end-to-end rate of the 10N run, start-up included, and the start-up itself
-    are reported beside it (``img_per_s_pipeline_end_to_end``, ``pipeline_startup_s``).
-    Peak RSS is the whole process tree's (driver, raylet, GCS, workers), sampled every 0.5 s.
-    MLflow tracking is off in these runs (it adds a fixed start-up only).
+    ``img_per_s_pipeline`` is the 10N run's steady rate, which galray's summary reports: rows
+    from the first rows back to the last, over that time. The fixed start-up (workers, model load,
+    compilation) is left out, as it vanishes on a store of millions of rows; it is reported beside
+    it (``pipeline_startup_s``), with the end-to-end rate (``img_per_s_pipeline_end_to_end``).
+    Peak RSS is the whole process tree's (driver, raylet, GCS, workers), sampled every 0.5 s, in
+    separate runs at N and 10N rows, so memory allocated up front in proportion to the store would
+    show too. MLflow tracking is off in these runs (it adds a fixed start-up only).
 
-Sizes: --quick N=400 (10N=4,000) batch 16, about 8 minutes on 2 cores; full N=2,000 batch 32. N must be
-large enough for the N run to reach the replicas' steady memory (compiled kernels' buffers, the
-allocator's arenas, the object-store pages they read), or the N/10N memory ratio measures warm-up.
+Sizes: --quick N=64 (10N=640) batch 16, about 3 minutes on 2 cores (two pipeline start-ups of
+~30 s each dominate); full N=1,000 batch 32.
 
     python3 bench/embed_throughput.py --quick --json OUT.json
 """
@@ -257,9 +260,9 @@ def run_pipeline(store: str, out: str, batch: int, replicas: int, threads: int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="N=100 rows (10N=1,000), batch 16: ~3 min on 2 cores")
+    parser.add_argument("--quick", action="store_true", help="N=64 rows (10N=640), batch 16: ~3 min on 2 cores")
     parser.add_argument("--json", metavar="PATH", help="write the figures here as one JSON object")
-    parser.add_argument("--rows", type=int, help="N (default 100 quick, 1000 full)")
+    parser.add_argument("--rows", type=int, help="N (default 64 quick, 1000 full)")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default 16 quick, 32 full)")
     parser.add_argument("--replicas", type=int, default=os.cpu_count(),
                         help="model replicas in the pipeline and in the model-only limit (default: one per core)")
@@ -276,7 +279,7 @@ def main() -> None:
     import torch
 
     cores = os.cpu_count() or 1
-    n = args.rows or (100 if args.quick else 1000)
+    n = args.rows or (64 if args.quick else 1000)
     batch = args.batch_size or (16 if args.quick else 32)
     t_start = time.perf_counter()
 
@@ -296,8 +299,8 @@ def main() -> None:
             ips_eager_1proc = model_only(1, cores, batch, max(4, n // batch), compile=False)
             print(f"model only, 1 eager process x {cores} threads: {ips_eager_1proc:.1f} img/s", file=sys.stderr)
         torch.set_num_threads(cores)
-        ips_naive, rows_naive = naive(f"{tmp}/store_10n", f"{tmp}/naive_out", batch, max_rows=2 * n)
-        print(f"naive loop on {rows_naive} rows: {ips_naive:.1f} img/s", file=sys.stderr)
+        ips_naive_before, rows_naive = naive(f"{tmp}/store_10n", f"{tmp}/naive_out", batch, max_rows=2 * n)
+        print(f"naive loop on {rows_naive} rows: {ips_naive_before:.1f} img/s", file=sys.stderr)
         run_n = run_pipeline(f"{tmp}/store_n", f"{tmp}/out_n", batch, args.replicas, args.threads, args.compile)
         print(f"pipeline N={run_n['rows']}: {run_n}", file=sys.stderr)
         run_10n = run_pipeline(f"{tmp}/store_10n", f"{tmp}/out_10n", batch, args.replicas, args.threads,
@@ -305,10 +308,13 @@ def main() -> None:
         print(f"pipeline 10N={run_10n['rows']}: {run_10n}", file=sys.stderr)
         ips_model_after = limit()
         limit_pool.close()
+        ips_naive_after, _ = naive(f"{tmp}/store_10n", f"{tmp}/naive_out", batch, max_rows=2 * n)
+        print(f"naive loop on {rows_naive} rows: {ips_naive_after:.1f} img/s", file=sys.stderr)
         assert run_n["rows"] == n and run_10n["rows"] == 10 * n, "the pipeline lost rows"
-    # This machine's speed drifts (shared cores): the limit is measured before and after the
-    # pipeline runs, and the pipeline is compared with their mean.
+    # This machine's speed drifts (shared cores): the limit and the naive loop are measured before
+    # and after the pipeline runs, and the pipeline is compared with their means.
     ips_model = (ips_model_before + ips_model_after) / 2
+    ips_naive = (ips_naive_before + ips_naive_after) / 2
     ips_pipeline = run_10n["steady"]
     result = {
         "model": MODEL,
@@ -323,7 +329,8 @@ def main() -> None:
         "ratio_peak_rss_10n_to_n": round(run_10n["peak_rss_mb"] / run_n["peak_rss_mb"], 3),
         "img_per_s_model_only_before": round(ips_model_before, 2),
         "img_per_s_model_only_after": round(ips_model_after, 2),
-        "img_per_s_pipeline_n": run_n["steady"],
+        "img_per_s_naive_before": round(ips_naive_before, 2),
+        "img_per_s_naive_after": round(ips_naive_after, 2),
         "img_per_s_pipeline_end_to_end": round(10 * n / run_10n["seconds"], 2),
         "pipeline_startup_s": run_10n["startup_s"],
         "img_per_s_model_only_eager_1proc": ips_eager_1proc and round(ips_eager_1proc, 2),
