@@ -530,7 +530,7 @@ def embed_store(job: EmbedJob, embedder_cls: type[Embedder] = Embedder) -> Stage
     write_text(join(job.output, CONFIG_NAME), dumps(job), job.storage)
     run = StageRun(job.tracking, STAGE, job, job.output)
     collector = ShardCollector(rows, sources, fs_out, out_root, meta)
-    rate = SteadyRate(t0)
+    rate = SteadyRate(t0, total=sum(rows.values()))
     try:
         if actors:
             for batch in _pipeline(job, todo, rows, fs_in, plan, dim, actors, embedder_cls).iter_batches(

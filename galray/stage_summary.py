@@ -23,7 +23,7 @@ class StageSummary:
     startup_s: float | None = None
     """Seconds until the first rows came back (workers, model load, compilation); None if not measured."""
     steady_rows_per_s: float | None = None
-    """Rows/s from the first rows back to the last: the rate a long run settles at, start-up excluded."""
+    """Rows/s once the job has ramped up (see :class:`SteadyRate`): the rate a long run settles at."""
 
     @property
     def rows_per_s(self) -> float:
@@ -48,29 +48,36 @@ class StageSummary:
 
 
 class SteadyRate:
-    """Start-up and steady rate of a streaming job: when the first rows came back, and the rate after.
+    """Start-up and steady rate of a streaming job: when the first rows came back, and the rate later on.
 
-    The rate counts the rows that came back after the first arrival, over the time from that
-    arrival to the last: the figure a run over millions of rows converges to.
+    The steady window opens at the first arrival once ``ramp_fraction`` of the ``total`` rows are
+    back, when every replica has long finished starting (replicas that start or compile at
+    different speeds make the first stretch slower), and closes at the last arrival: the rate a
+    run over millions of rows converges to. Without a total, it opens at the first arrival.
     """
 
-    def __init__(self, t0: float, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, t0: float, total: int = 0, ramp_fraction: float = 0.25,
+                 clock: Callable[[], float] = time.perf_counter):
         self.t0, self.clock = t0, clock
-        self.first: tuple[float, int] | None = None  # (time, rows done) at the first arrival
+        self.ramp_rows = int(total * ramp_fraction)
+        self.first_s: float | None = None  # time of the first arrival
+        self.window: tuple[float, int] | None = None  # (time, rows done) where the steady window opens
         self.last: tuple[float, int] | None = None
 
     def update(self, rows_done: int) -> None:
         now = self.clock()
-        if self.first is None:
-            self.first = (now, rows_done)
+        if self.first_s is None:
+            self.first_s = now
+        if self.window is None and rows_done >= self.ramp_rows:
+            self.window = (now, rows_done)
         self.last = (now, rows_done)
 
     @property
     def startup_s(self) -> float | None:
-        return None if self.first is None else round(self.first[0] - self.t0, 2)
+        return None if self.first_s is None else round(self.first_s - self.t0, 2)
 
     @property
     def rows_per_s(self) -> float | None:
-        if self.first is None or self.last is None or self.last[0] <= self.first[0]:
+        if self.window is None or self.last is None or self.last[0] <= self.window[0]:
             return None
-        return round((self.last[1] - self.first[1]) / (self.last[0] - self.first[0]), 2)
+        return round((self.last[1] - self.window[1]) / (self.last[0] - self.window[0]), 2)

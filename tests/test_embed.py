@@ -233,18 +233,24 @@ def test_inflight_cap_and_block_size_are_per_pipeline_and_keep_tighter_limits():
     assert small.execution_options.resource_limits.object_store_memory == MIN_INFLIGHT_BYTES
 
 
-def test_steady_rate_excludes_start_up():
+def test_steady_rate_excludes_start_up_and_ramp():
     from galray.stage_summary import StageSummary, SteadyRate
 
     now = [100.0]
-    rate = SteadyRate(t0=100.0, clock=lambda: now[0])
+    rate = SteadyRate(t0=100.0, total=400, clock=lambda: now[0])
     assert rate.startup_s is None and rate.rows_per_s is None
-    for t, rows in ((130.0, 16), (131.0, 32), (140.0, 216)):  # 30 s start-up, then 200 rows in 10 s
+    # 30 s start-up; one replica alone at first (16 rows in 5 s); from 100 rows (a quarter) on, 20 rows/s
+    for t, rows in ((130.0, 16), (135.0, 32), (136.0, 100), (141.0, 200), (151.0, 400)):
         now[0] = t
         rate.update(rows)
     assert rate.startup_s == 30.0 and rate.rows_per_s == 20.0
-    line = StageSummary("embed", 216, 216, 0, 40.0, startup_s=rate.startup_s, steady_rows_per_s=rate.rows_per_s).format()
+    line = StageSummary("embed", 400, 400, 0, 51.0, startup_s=rate.startup_s, steady_rows_per_s=rate.rows_per_s).format()
     assert "start-up 30.0 s, then 20.0 rows/s" in line
+    no_total = SteadyRate(t0=0.0, clock=lambda: now[0])
+    for t, rows in ((10.0, 10), (12.0, 30)):
+        now[0] = t
+        no_total.update(rows)
+    assert no_total.rows_per_s == 10.0
 
 
 def test_models_and_embed_module_stay_free_of_the_ray_layer():
