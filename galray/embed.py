@@ -182,6 +182,10 @@ class ImagePlan:
         """uint8 whenever the image becomes a colour rendering; float32 [0, 1] for n-band flux backbones."""
         return np.dtype(np.float32) if self.float_input and self.in_chans != 3 else np.dtype(np.uint8)
 
+    def batch_bytes(self, rows: int) -> int:
+        """Bytes of ``rows`` images' output pixels (what a batch weighs in Ray's object store)."""
+        return rows * self.in_chans * self.size * self.size * self.pixel_dtype.itemsize
+
     def to_json(self) -> dict[str, Any]:
         steps = ["decode"] if self.encoding == "encoded" else []
         if self.float_input:
@@ -487,7 +491,7 @@ def _pool_size(job: EmbedJob) -> int:
 
 def preprocess_memory(plan: ImagePlan, batch_size: int) -> int:
     """Bytes a preprocessing task reserves: a batch of output pixels plus decode/resize working copies."""
-    pixels = batch_size * plan.in_chans * plan.size * plan.size * plan.pixel_dtype.itemsize
+    pixels = plan.batch_bytes(batch_size)
     return max(512 << 20, 4 * pixels + (256 << 20))  # a Ray worker with pyarrow, PIL, numpy and a batch: ~270 MiB
 
 
@@ -566,7 +570,7 @@ def _bound_inflight(ctx: "ray.data.DataContext", job: EmbedJob, plan: ImagePlan,
       ``actors x inflight_batches`` batches, keeps every replica fed (measured: replicas busy 100%
       with 8 a replica on 2 CPU cores) and bounds the pixels in flight whatever the store's size.
     """
-    batch_bytes = job.batch_size * plan.in_chans * plan.size ** 2 * plan.pixel_dtype.itemsize
+    batch_bytes = plan.batch_bytes(job.batch_size)
     ctx.target_max_block_size = max(1, int(0.8 * batch_bytes))
     cap = max(actors * job.inflight_batches * batch_bytes, MIN_INFLIGHT_BYTES)
     limits = ctx.execution_options.resource_limits
