@@ -19,7 +19,7 @@ Galaxy Zoo DESI) hands out, which must be decoded and resized to 224:
 (c) pipeline: ``galray.embed.embed_store`` from the store to the output store, in a fresh process
     with its own local Ray, at N and at 10N rows. On a CPU-only machine it runs one single-threaded
     replica per core (several single-threaded replicas use the cores better than one multi-threaded
-    one) and leaves half a CPU to the preprocessing tasks; on a GPU machine, one replica per GPU.
+    one) and leaves half a CPU to the preprocessing actor; on a GPU machine, one replica per GPU.
     ``img_per_s_pipeline`` is the 10N run's steady rate, which galray's summary reports: the rows
     that came back after the first quarter, over the time from then to the last. The fixed
     start-up (workers, model load, compilation) and the ramp while replicas finish compiling at

@@ -28,8 +28,8 @@ from safetensors.torch import save_file
 from galray.config import ConfigError
 from galray.data.cutouts import CutoutError, encode_png
 from galray.data.shards import ERRORS_DIR, ImageSpec, list_parquet, make_table, shard_name, write_table
-from galray.embed import (EMBEDDING_COLUMN, EmbedJob, Embedder, ImagePlan, embed_dataset, embed_store, plan_for,
-                          prepare_image, preprocess_batch, read_embeddings)
+from galray.embed import (EMBEDDING_COLUMN, EmbedJob, Embedder, ImagePlan, ShardPreprocessor, embed_dataset,
+                          embed_store, plan_for, prepare_image, preprocess_batch, read_embeddings)
 from galray.models.backbones import (BackboneConfig, BackboneError, UnsafeWeightsError, create_backbone,
                                      embedding_dim, load_weights_file, to_model_input)
 from galray.storage import arrow_filesystem
@@ -265,6 +265,8 @@ def test_config_is_validated():
         EmbedJob(input="a", output="b", model=MODEL, batch_size=0)
     with pytest.raises(ConfigError, match="output"):
         EmbedJob(input="a", output="a/", model=MODEL)
+    with pytest.raises(ConfigError, match="preprocess_actors"):
+        EmbedJob(input="a", output="b", model=MODEL, preprocess_actors=-1)
 
 
 # --- the pipeline (one shared local Ray) ----------------------------------------------------------
@@ -328,37 +330,51 @@ def test_s3_pipeline_equals_direct_model_writes_errors_and_resumes(s3_env, ray_s
         == ["png-00017"]
 
 
-def test_killed_inference_actor_still_gives_exactly_once_output(tmp_path, ray_session):
+def test_killed_preprocessing_and_inference_actors_still_give_exactly_once_output(tmp_path, ray_session):
+    """SIGKILL the first preprocessing actor in the middle of a shard, and the first model replica
+    in the middle of the run: both are restarted, the calls they held re-run, and every row comes
+    out exactly once."""
     images = _write_store(str(tmp_path / "in"), shards=4, rows=6)
-    pids = tmp_path / "pids"
+    pre_pids, emb_pids = tmp_path / "pre_pids", tmp_path / "emb_pids"
 
-    class SlowEmbedder(Embedder):  # defined here, so Ray ships it by value to the actor
+    class SlowPreprocessor(ShardPreprocessor):  # defined here, so Ray ships it by value to the actor
         def __call__(self, batch):
-            with open(pids, "a") as f:
+            for out in super().__call__(batch):
+                with open(pre_pids, "a") as f:
+                    f.write(f"{os.getpid()}\n")
+                time.sleep(0.2)  # keeps a shard in progress long enough to kill the actor inside it
+                yield out
+
+    class SlowEmbedder(Embedder):
+        def __call__(self, batch):
+            with open(emb_pids, "a") as f:
                 f.write(f"{os.getpid()}\n")
             time.sleep(0.25)  # keeps the run long enough to kill the actor in the middle of it
             return super().__call__(batch)
 
     killed: list[int] = []
 
-    def kill_first_actor():
+    def kill_first(pid_file):
         deadline = time.time() + 240
         while time.time() < deadline:
-            if pids.exists() and pids.read_text().strip():
-                pid = int(pids.read_text().split()[0])
+            if pid_file.exists() and pid_file.read_text().strip():
+                pid = int(pid_file.read_text().split()[0])
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
                 return
             time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_first_actor, daemon=True)
-    killer.start()
+    killers = [threading.Thread(target=kill_first, args=(f,), daemon=True) for f in (pre_pids, emb_pids)]
+    for k in killers:
+        k.start()
     job = EmbedJob(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=MODEL, pretrained=False,
-                   input_size=SIZE, batch_size=2, actors=1)
-    summary = embed_store(job, embedder_cls=SlowEmbedder)
-    killer.join(5)
-    served = {int(p) for p in pids.read_text().split()}
-    assert killed and len(served) >= 2, "the actor was not killed and replaced mid-run"
+                   input_size=SIZE, batch_size=2, actors=1, preprocess_actors=1)
+    summary = embed_store(job, embedder_cls=SlowEmbedder, preprocessor_cls=SlowPreprocessor)
+    for k in killers:
+        k.join(5)
+    for f in (pre_pids, emb_pids):
+        assert len({int(p) for p in f.read_text().split()}) >= 2, f"{f.name}: the actor was not killed and replaced"
+    assert len(killed) == 2
     assert (summary.rows_in, summary.rows_out, summary.rows_errored) == (24, 24, 0)
     out_ids = _output_ids(str(tmp_path / "out"))
     assert len(out_ids) == len(set(out_ids)) and set(out_ids) == set(images)
