@@ -6,10 +6,13 @@ limit runs exactly the forward pass the pipeline runs).
 - On CUDA the model runs under bf16 autocast in ``channels_last``, which the tensor cores want.
   On CPU it stays float32 and contiguous: on CPUs without native bf16 (AVX-512 without the BF16
   extension, as here) bf16 autocast ran convnext_nano 2x *slower*, and channels_last 10% slower.
-- ``compile=True`` wraps the model in ``torch.compile`` (inductor, with weight freezing, which lets
-  inductor fold the weights into its kernels and use oneDNN convolutions on CPU). Measured on
-  convnext_nano at 224 px, one CPU thread: 12.4 -> 16.0 img/s; compilation costs 15-35 s once per
-  replica (less when inductor's on-disk cache is warm), so it pays on large stores, not on tests.
+- ``compile=True`` wraps the model in ``torch.compile`` (inductor). Measured on convnext_nano at
+  224 px, one CPU thread: 12.4 -> 16.0 img/s; compilation costs 15-35 s once per replica, 7 s when
+  inductor's on-disk caches are warm, so it pays on large stores, not on tests.
+  Weight freezing (inductor's documented inference setting: weights become constants it can fold)
+  is used on CUDA only. On CPU it gave no speed (interleaved A/B on convnext_nano, one thread: 15.2
+  vs 15.3 img/s) but cost 2.5-3 s more per replica start, because a frozen graph bypasses
+  AOTAutograd's on-disk cache (warm-cache compile 9.1 s vs 6.8 s).
 - A compiled model is specialised to one input shape. Batches are therefore run at the configured
   batch size: a long one is cut into chunks; a short one (the end of a shard) is padded with zeros,
   whose outputs are dropped, or, when under 3/4 full, run by the eager model instead. Rows are
@@ -44,8 +47,8 @@ class InferenceModel:
             model = model.to(memory_format=torch.channels_last)
         self.compiled = compile
         self.eager = model
-        # freezing: weights become constants inductor can fold (its documented CPU-inference setting).
-        self.model: nn.Module = torch.compile(model, dynamic=False, options={"freezing": True}) if compile else model
+        self.model: nn.Module = torch.compile(model, dynamic=False, options={"freezing": self.on_gpu}) \
+            if compile else model
         if compile:
             self.warm_up()
 
