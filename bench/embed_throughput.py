@@ -9,15 +9,15 @@ Galaxy Zoo DESI) hands out, which must be decoded and resized to 224:
     setting, through the same ``galray.models.inference.InferenceModel``), as parallel processes
     started together; the figure is all their images over the slowest one's time. This machine's
     speed drifts by 10-25% over minutes (shared cores), so the replicas are started once and
-    measured twice, before and after the pipeline runs; ``img_per_s_model_only`` is the mean.
-    The full run also gives the textbook figure, one eager process with every core
+    measured twice, right before and right after the 10N pipeline run; ``img_per_s_model_only`` is
+    the mean. The full run also gives the textbook figure, one eager process with every core
     (``img_per_s_model_only_eager_1proc``).
 (b) naive: what one writes without galray. One process, every core, the eager model: read a shard,
     decode and resize image by image, run the model, write the shard's embeddings, one step after
-    another, over 2N rows. Timed from after model creation (like the pipeline's steady rate), and,
-    like the limit, measured before and after the pipeline runs: ``img_per_s_naive`` is the mean.
-(c) pipeline: ``galray.embed.embed_store`` from the store to the output store, in a fresh process
-    with its own local Ray, at N and at 10N rows. On a CPU-only machine it runs one single-threaded
+    another, over 2N rows. Timed from after model creation (like the pipeline's steady rate), and
+    measured once before the limit and once after it: ``img_per_s_naive`` is the mean.
+(c) pipeline: ``galray.embed.embed_store`` from the store to the output store, at N and at 10N rows,
+    each in a fresh process with its own local Ray. On a CPU-only machine it runs one single-threaded
     replica per core (several single-threaded replicas use the cores better than one multi-threaded
     one) and leaves half a CPU to the preprocessing actor; on a GPU machine, one replica per GPU.
     ``img_per_s_pipeline`` is the 10N run's steady rate, which galray's summary reports: the rows
@@ -27,12 +27,18 @@ Galaxy Zoo DESI) hands out, which must be decoded and resized to 224:
     reported beside it (``pipeline_startup_s``), with the end-to-end rate
     (``img_per_s_pipeline_end_to_end``).
     Peak RSS is the whole process tree's (driver, raylet, GCS, workers), sampled every 0.5 s, in
-    separate runs at N and 10N rows, so memory allocated up front in proportion to the store would
-    show too. MLflow tracking is off in these runs (it adds a fixed start-up only).
+    the separate runs at N and 10N rows, so memory allocated up front in proportion to the store
+    would show too. MLflow tracking is off in these runs (it adds a fixed start-up only).
+    Diagnostics for the gap to the limit: the replicas' CPU milliseconds per image in the limit and
+    in the pipeline's steady window (equal when nothing disturbs them: when they differ, the
+    machine's speed moved between the measurements), and the cores the replicas kept busy in each
+    (``replica_cores_model_only``, ``replica_cores_pipeline``: in the pipeline the rest went to Ray,
+    preprocessing and the driver). Their quotient, ``ratio_replica_cores_pipeline_to_model``, is
+    what ``ratio_pipeline_to_model`` would be at one and the same machine speed.
 
-Sizes: --quick N=100 (10N=1,000) batch 16, about 3-3.5 minutes on 2 cores (two pipeline start-ups
-of ~30 s each dominate: on this 2-core machine the quick run cannot fit the 3 minutes that
-ARCHITECTURE.md asks for and still give a 10N run long enough to measure); full N=1,000 batch 32.
+Sizes: --quick N=100 (10N=1,000) batch 16, about 3 minutes on 2 cores (the two pipeline start-ups
+of 20-30 s each, and the first quarter of the 10N run that the steady rate leaves out, are most of
+it); full N=1,000 batch 32.
 
     python3 bench/embed_throughput.py --quick --json OUT.json
 """
@@ -101,10 +107,10 @@ def _replica(threads: int, batch: int, batches: int, compile: bool, barrier, com
     runner(x)  # warm-up: allocator, kernels
     while commands.get():  # idle (blocked, no CPU) between measurements
         barrier.wait()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for _ in range(batches):
             runner(x)
-        results.put((batches * batch, time.perf_counter() - t0))
+        results.put((batches * batch, time.perf_counter() - t0, time.process_time() - cpu0))
 
 
 class ModelOnly:
@@ -123,12 +129,14 @@ class ModelOnly:
         for p in self.procs:
             p.start()
 
-    def measure(self) -> float:
-        """img/s of all replicas running forward passes together: their images over the slowest one's time."""
+    def measure(self) -> tuple[float, float]:
+        """(img/s of all replicas running forward passes together: their images over the slowest one's
+        time, the replicas' CPU milliseconds per image)."""
         for q in self.commands:
             q.put(True)
         done = [self.results.get(timeout=1800) for _ in self.procs]
-        return sum(n for n, _ in done) / max(t for _, t in done)
+        images = sum(n for n, _, _ in done)
+        return images / max(t for _, t, _ in done), 1000 * sum(c for _, _, c in done) / images
 
     def close(self) -> None:
         for q in self.commands:
@@ -141,7 +149,7 @@ def model_only(replicas: int, threads: int, batch: int, batches: int, compile: b
     """img/s of ``replicas`` processes running forward passes together on in-memory pixels (one measurement)."""
     pool = ModelOnly(replicas, threads, batch, batches, compile)
     try:
-        return pool.measure()
+        return pool.measure()[0]
     finally:
         pool.close()
 
@@ -190,8 +198,13 @@ def naive(store: str, out: str, batch: int, max_rows: int) -> tuple[float, int]:
 
 # --- (c) the pipeline, in a child process whose whole tree we measure ----------------------------------
 
-def tree_rss_bytes(root_pid: int) -> int:
-    """Sum of VmRSS over ``root_pid`` and all its descendants (Linux /proc)."""
+REPLICA_CMDLINE = "ray::MapWorker(MapBatches(Embedder))"  # how Ray names the model replicas' processes
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_sample(root_pid: int, cpu_prefix: str = REPLICA_CMDLINE) -> tuple[int, float]:
+    """(sum of VmRSS in bytes over ``root_pid`` and all its descendants, CPU seconds so far of those
+    whose command line starts with ``cpu_prefix``), from Linux /proc."""
     parents: dict[int, int] = {}
     rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -214,10 +227,24 @@ def tree_rss_bytes(root_pid: int) -> int:
             if child not in tree:
                 tree.add(child)
                 frontier.append(child)
-    return sum(rss.get(p, 0) for p in tree)
+    cpu = 0.0
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if not f.read().startswith(cpu_prefix.encode()):
+                    continue
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        utime, stime = stat[stat.rfind(")") + 2:].split()[11:13]  # fields 14 and 15 of proc(5)
+        cpu += (int(utime) + int(stime)) / CLOCK_TICKS
+    return sum(rss.get(p, 0) for p in tree), cpu
 
 
-def pipeline_child(store: str, out: str, batch: int, replicas: int, threads: int, compile: bool) -> None:
+def pipeline_child(stores: list[str], outs: list[str], batch: int, replicas: int, threads: int,
+                   compile: bool) -> None:
+    """Embed each store in turn, in this process's one local Ray; a START and a RESULT line on stdout per store."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from galray.embed import EmbedJob, embed_store
     from galray.session import ensure_ray
@@ -225,45 +252,97 @@ def pipeline_child(store: str, out: str, batch: int, replicas: int, threads: int
 
     cpus = os.cpu_count() or 1
     ensure_ray(num_cpus=cpus)
-    job = EmbedJob(input=store, output=out, model=MODEL, pretrained=False, batch_size=batch, actors=replicas,
-                   torch_threads=threads, cpus_per_actor=(cpus - PREPROCESS_CPUS) / replicas,
-                   preprocess_cpus=PREPROCESS_CPUS, compile=compile, tracking=TrackingConfig(enabled=False))
-    t0 = time.perf_counter()
-    summary = embed_store(job)
-    seconds = time.perf_counter() - t0
-    print(summary.format(), file=sys.stderr)
-    print("RESULT " + json.dumps({"seconds": seconds, "rows": summary.rows_out, "startup_s": summary.startup_s,
-                                  "steady": summary.steady_rows_per_s}), flush=True)
+    for store, out in zip(stores, outs):
+        print(f"START {store}", flush=True)
+        job = EmbedJob(input=store, output=out, model=MODEL, pretrained=False, batch_size=batch, actors=replicas,
+                       torch_threads=threads, cpus_per_actor=(cpus - PREPROCESS_CPUS) / replicas,
+                       preprocess_cpus=PREPROCESS_CPUS, compile=compile, tracking=TrackingConfig(enabled=False))
+        t0 = time.perf_counter()
+        summary = embed_store(job)
+        seconds = time.perf_counter() - t0
+        print(summary.format(), file=sys.stderr)
+        print("RESULT " + json.dumps({"seconds": seconds, "rows": summary.rows_out, "startup_s": summary.startup_s,
+                                      "steady": summary.steady_rows_per_s}), flush=True)
+        # Ray Data kills a finished pipeline's actors without waiting for their processes to exit:
+        # let them go, so the next store's peak RSS is its own, not the sum of two model pools.
+        _wait_for_exit("ray::MapWorker", timeout_s=60)
 
 
-def run_pipeline(store: str, out: str, batch: int, replicas: int, threads: int, compile: bool) -> dict:
-    """One pipeline run in a fresh process: seconds, rows, startup_s, steady (img/s), peak_rss_mb (process tree)."""
+def _wait_for_exit(cmdline_prefix: str, timeout_s: float) -> None:
+    """Wait until no process on this machine has a command line starting with ``cmdline_prefix``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = False
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    alive = alive or f.read().startswith(cmdline_prefix.encode())
+            except OSError:
+                continue
+        if not alive:
+            return
+        time.sleep(0.2)
+
+
+def run_pipelines(stores: list[str], outs: list[str], batch: int, replicas: int, threads: int,
+                  compile: bool) -> list[dict]:
+    """The pipeline on each store in turn, in one fresh process with its own local Ray.
+
+    Returns per store: seconds, rows, startup_s, steady (img/s) and peak_rss_mb, the peak of the
+    whole process tree (driver, raylet, GCS, workers) while that store was being embedded. A later
+    store's peak includes whatever the earlier ones left behind, so it can only be overstated.
+    """
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, __file__, "--child", store, out, str(batch), str(replicas), str(threads),
-                             str(int(compile))], stdout=subprocess.PIPE, text=True, env=env)
-    peak = 0
+    proc = subprocess.Popen([sys.executable, __file__, "--child", os.pathsep.join(stores), os.pathsep.join(outs),
+                             str(batch), str(replicas), str(threads), str(int(compile))],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    lock, peak = threading.Lock(), [0]
+    cpu_series: list[tuple[float, float]] = []  # (time, replicas' CPU seconds so far)
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
         while not stop.is_set():
-            peak = max(peak, tree_rss_bytes(proc.pid))
-            stop.wait(0.5)  # a /proc scan costs CPU the niced Ray workers would lose; RSS moves slowly
+            rss, cpu = tree_sample(proc.pid)
+            with lock:
+                peak[0] = max(peak[0], rss)
+                cpu_series.append((time.perf_counter(), cpu))
+            stop.wait(0.5)  # a /proc scan costs CPU the Ray workers would lose; RSS moves slowly
+
+    def replica_cores(t0: float, t1: float) -> float:
+        """Cores the replicas used between t0 and t1 (CPU seconds over wall seconds)."""
+        with lock:
+            inside = [(t, c) for t, c in cpu_series if t0 <= t <= t1]
+        if len(inside) < 2 or inside[-1][0] - inside[0][0] < 1:
+            return float("nan")
+        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    stdout, _ = proc.communicate()
+    results = []
+    started = 0.0
+    for line in proc.stdout:
+        if line.startswith("START "):
+            started = time.perf_counter()
+            with lock:
+                peak[0] = tree_sample(proc.pid)[0]
+        elif line.startswith("RESULT "):
+            with lock:
+                top = max(peak[0], tree_sample(proc.pid)[0])
+            result = json.loads(line[7:])
+            cores = replica_cores(started + result["startup_s"], started + result["seconds"])
+            results.append({**result, "peak_rss_mb": top / 2 ** 20, "replica_cores": cores,
+                            "replica_cpu_ms_per_img": 1000 * cores / result["steady"]})
+    proc.wait()
     stop.set()
     sampler.join()
-    if proc.returncode != 0:
+    if proc.returncode != 0 or len(results) != len(stores):
         raise RuntimeError(f"pipeline run failed with exit code {proc.returncode}")
-    result = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[7:])
-    return {**result, "peak_rss_mb": peak / 2 ** 20}
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="N=100 rows (10N=1,000), batch 16: ~3-3.5 min on 2 cores")
+    parser.add_argument("--quick", action="store_true", help="N=100 rows (10N=1,000), batch 16: about 3 min on 2 cores")
     parser.add_argument("--json", metavar="PATH", help="write the figures here as one JSON object")
     parser.add_argument("--rows", type=int, help="N (default 100 quick, 1000 full)")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default 16 quick, 32 full)")
@@ -275,8 +354,9 @@ def main() -> None:
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        store, out, batch, replicas, threads, compile = args.child
-        pipeline_child(store, out, int(batch), int(replicas), int(threads), bool(int(compile)))
+        stores, outs, batch, replicas, threads, compile = args.child
+        pipeline_child(stores.split(os.pathsep), outs.split(os.pathsep), int(batch), int(replicas), int(threads),
+                       bool(int(compile)))
         return
 
     import torch
@@ -286,17 +366,16 @@ def main() -> None:
     batch = args.batch_size or (16 if args.quick else 32)
     t_start = time.perf_counter()
 
-    def limit() -> float:
-        ips = limit_pool.measure()
+    def limit() -> tuple[float, float]:
+        ips, cpu_ms = limit_pool.measure()
         print(f"model only, {args.replicas} replica(s) x {args.threads} thread(s), compile={args.compile}: "
-              f"{ips:.1f} img/s", file=sys.stderr)
-        return ips
+              f"{ips:.1f} img/s, {cpu_ms:.1f} CPU ms/img", file=sys.stderr)
+        return ips, cpu_ms
 
     with tempfile.TemporaryDirectory(prefix="galray-bench-embed-") as tmp:
         limit_pool = ModelOnly(args.replicas, args.threads, batch, max(6, n // (batch * args.replicas)), args.compile)
         make_store(f"{tmp}/store_n", n, SHARD_ROWS)  # while the replicas compile
         make_store(f"{tmp}/store_10n", 10 * n, SHARD_ROWS, seed=1)
-        ips_model_before = limit()
         ips_eager_1proc = None
         if not args.quick:
             ips_eager_1proc = model_only(1, cores, batch, max(4, n // batch), compile=False)
@@ -304,12 +383,15 @@ def main() -> None:
         torch.set_num_threads(cores)
         ips_naive_before, rows_naive = naive(f"{tmp}/store_10n", f"{tmp}/naive_out", batch, max_rows=2 * n)
         print(f"naive loop on {rows_naive} rows: {ips_naive_before:.1f} img/s", file=sys.stderr)
-        run_n = run_pipeline(f"{tmp}/store_n", f"{tmp}/out_n", batch, args.replicas, args.threads, args.compile)
+        (run_n,) = run_pipelines([f"{tmp}/store_n"], [f"{tmp}/out_n"], batch, args.replicas, args.threads,
+                                 args.compile)
         print(f"pipeline N={run_n['rows']}: {run_n}", file=sys.stderr)
-        run_10n = run_pipeline(f"{tmp}/store_10n", f"{tmp}/out_10n", batch, args.replicas, args.threads,
-                               args.compile)
+        # The machine drifts: the limit is measured right before and right after the 10N run.
+        ips_model_before, cpu_ms_model_before = limit()
+        (run_10n,) = run_pipelines([f"{tmp}/store_10n"], [f"{tmp}/out_10n"], batch, args.replicas, args.threads,
+                                   args.compile)
         print(f"pipeline 10N={run_10n['rows']}: {run_10n}", file=sys.stderr)
-        ips_model_after = limit()
+        ips_model_after, cpu_ms_model_after = limit()
         limit_pool.close()
         ips_naive_after, _ = naive(f"{tmp}/store_10n", f"{tmp}/naive_out", batch, max_rows=2 * n)
         print(f"naive loop on {rows_naive} rows: {ips_naive_after:.1f} img/s", file=sys.stderr)
@@ -319,6 +401,8 @@ def main() -> None:
     ips_model = (ips_model_before + ips_model_after) / 2
     ips_naive = (ips_naive_before + ips_naive_after) / 2
     ips_pipeline = run_10n["steady"]
+    # Cores the replicas kept busy in the limit: images/s x CPU seconds per image.
+    cores_model = (ips_model_before * cpu_ms_model_before + ips_model_after * cpu_ms_model_after) / 2000
     result = {
         "model": MODEL,
         "rows": n,
@@ -335,6 +419,13 @@ def main() -> None:
         "img_per_s_naive_before": round(ips_naive_before, 2),
         "img_per_s_naive_after": round(ips_naive_after, 2),
         "img_per_s_pipeline_end_to_end": round(10 * n / run_10n["seconds"], 2),
+        # Where the gap to the limit comes from: the replicas' CPU cost per image (the same in both
+        # if nothing disturbs them) and how many cores they got in the pipeline's steady window.
+        "replica_cpu_ms_per_img_model_only": round((cpu_ms_model_before + cpu_ms_model_after) / 2, 1),
+        "replica_cpu_ms_per_img_pipeline": round(run_10n["replica_cpu_ms_per_img"], 1),
+        "replica_cores_model_only": round(cores_model, 3),
+        "replica_cores_pipeline": round(run_10n["replica_cores"], 3),
+        "ratio_replica_cores_pipeline_to_model": round(run_10n["replica_cores"] / cores_model, 3),
         "pipeline_startup_s": run_10n["startup_s"],
         "img_per_s_model_only_eager_1proc": ips_eager_1proc and round(ips_eager_1proc, 2),
         "naive_rows": rows_naive,

@@ -380,6 +380,19 @@ def test_killed_preprocessing_and_inference_actors_still_give_exactly_once_outpu
     assert len(out_ids) == len(set(out_ids)) and set(out_ids) == set(images)
 
 
+def test_preprocessing_pool_grows_into_the_cpus_the_replicas_leave(ray_session):
+    """2 CPUs: one 1-CPU replica leaves room for two 0.5-CPU preprocessing actors, never more than
+    one per shard; a user's preprocess_actors caps it; a pool that fills the CPUs still gets one."""
+    from galray.embed import _preprocess_pool_max
+
+    job = EmbedJob(input="a", output="b", model=MODEL, cpus_per_actor=1.0, preprocess_cpus=0.5)
+    assert _preprocess_pool_max(job, actors=1, shards=10) == 2
+    assert _preprocess_pool_max(job, actors=1, shards=1) == 1
+    assert _preprocess_pool_max(dataclass_replace(job, preprocess_actors=1), actors=1, shards=10) == 1
+    assert _preprocess_pool_max(dataclass_replace(job, cpus_per_actor=0.75), actors=2, shards=10) == 1
+    assert _preprocess_pool_max(job, actors=2, shards=10) == 1
+
+
 def test_gpus_requested_without_gpus_fail_at_once(tmp_path, ray_session):
     _write_store(str(tmp_path / "in"), shards=1, rows=2)
     t0 = time.perf_counter()
