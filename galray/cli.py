@@ -261,8 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
         The run is recorded in MLflow (settings, rows done and rows/s as it goes, the summary);
         --no-tracking turns that off.
         Memory stays flat however large the store: at most inflight_batches (default 8) batches of
-        pixels per replica wait in Ray's object store (--set inflight_batches=N). The summary line
-        gives the start-up (workers, model load, compilation) apart from the steady rows/s.
+        pixels per replica wait in Ray's object store (--set inflight_batches=N). Preprocessing runs
+        in a pool of long-lived CPU actors that grows up to the CPUs the replicas leave
+        (--set preprocess_actors=N caps it). The summary line gives the start-up (workers, model
+        load, compilation) apart from the steady rows/s.
         On a CPU-only machine, several single-threaded replicas beat one multi-threaded one, e.g.
         on 2 cores: --actors 2 --torch-threads 1 --set cpus_per_actor=0.75 --set preprocess_cpus=0.5;
         add --compile for large stores."""))
