@@ -105,6 +105,7 @@ def _replica(threads: int, batch: int, batches: int, compile: bool, barrier, com
     s = b.preprocessing.input_size
     x = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8)
     runner(x)  # warm-up: allocator, kernels
+    results.put("ready")
     while commands.get():  # idle (blocked, no CPU) between measurements
         barrier.wait()
         t0, cpu0 = time.perf_counter(), time.process_time()
@@ -129,6 +130,11 @@ class ModelOnly:
         for p in self.procs:
             p.start()
 
+    def wait_ready(self) -> None:
+        """Block until every replica has compiled and warmed up (and sits idle, using no CPU)."""
+        for _ in self.procs:
+            assert self.results.get(timeout=1800) == "ready"
+
     def measure(self) -> tuple[float, float]:
         """(img/s of all replicas running forward passes together: their images over the slowest one's
         time, the replicas' CPU milliseconds per image)."""
@@ -148,6 +154,7 @@ class ModelOnly:
 def model_only(replicas: int, threads: int, batch: int, batches: int, compile: bool) -> float:
     """img/s of ``replicas`` processes running forward passes together on in-memory pixels (one measurement)."""
     pool = ModelOnly(replicas, threads, batch, batches, compile)
+    pool.wait_ready()
     try:
         return pool.measure()[0]
     finally:
@@ -265,23 +272,31 @@ def pipeline_child(stores: list[str], outs: list[str], batch: int, replicas: int
                                       "steady": summary.steady_rows_per_s}), flush=True)
         # Ray Data kills a finished pipeline's actors without waiting for their processes to exit:
         # let them go, so the next store's peak RSS is its own, not the sum of two model pools.
-        _wait_for_exit("ray::MapWorker", timeout_s=60)
+        _wait_for_exit(("ray::MapWorker",), timeout_s=60)
 
 
-def _wait_for_exit(cmdline_prefix: str, timeout_s: float) -> None:
-    """Wait until no process on this machine has a command line starting with ``cmdline_prefix``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+RAY_CMDLINES = ("ray::", "site-packages/ray/")  # Ray's workers; raylet, GCS, agents and monitors
+
+
+def _wait_for_exit(markers: tuple[str, ...], timeout_s: float) -> float:
+    """Wait until no process on this machine has a command line starting with or containing one of
+    ``markers``; returns the seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
         alive = False
         for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    alive = alive or f.read().startswith(cmdline_prefix.encode())
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
+            alive = alive or any(cmdline.startswith(m) or m in cmdline for m in markers)
         if not alive:
-            return
+            break
         time.sleep(0.2)
+    return time.monotonic() - t0
 
 
 def run_pipelines(stores: list[str], outs: list[str], batch: int, replicas: int, threads: int,
@@ -337,6 +352,10 @@ def run_pipelines(stores: list[str], outs: list[str], batch: int, replicas: int,
     sampler.join()
     if proc.returncode != 0 or len(results) != len(stores):
         raise RuntimeError(f"pipeline run failed with exit code {proc.returncode}")
+    # Ray's processes outlive the driver by a moment: a measurement of the limit made while they
+    # wind down would run on less than the whole machine (and flatter the pipeline).
+    waited = _wait_for_exit(RAY_CMDLINES, timeout_s=60)
+    print(f"Ray's processes gone {waited:.1f} s after the pipeline process exited", file=sys.stderr)
     return results
 
 
@@ -376,6 +395,7 @@ def main() -> None:
         limit_pool = ModelOnly(args.replicas, args.threads, batch, max(6, n // (batch * args.replicas)), args.compile)
         make_store(f"{tmp}/store_n", n, SHARD_ROWS)  # while the replicas compile
         make_store(f"{tmp}/store_10n", 10 * n, SHARD_ROWS, seed=1)
+        limit_pool.wait_ready()  # nothing else may run while a figure is measured
         ips_eager_1proc = None
         if not args.quick:
             ips_eager_1proc = model_only(1, cores, batch, max(4, n // batch), compile=False)
