@@ -393,6 +393,29 @@ def test_preprocessing_pool_grows_into_the_cpus_the_replicas_leave(ray_session):
     assert _preprocess_pool_max(job, actors=2, shards=10) == 1
 
 
+def test_preprocessing_pool_grows_when_preprocessing_is_the_bottleneck(tmp_path, ray_session):
+    """One 1-CPU replica leaves 1 CPU: the preprocessing pool starts at one 0.5-CPU actor and, with
+    slow preprocessing and shards waiting, adds a second; every row still comes out once."""
+    images = _write_store(str(tmp_path / "in"), shards=6, rows=8)
+    pids = tmp_path / "pids"
+
+    class SlowPreprocessor(ShardPreprocessor):
+        def __call__(self, batch):
+            for out in super().__call__(batch):
+                with open(pids, "a") as f:
+                    f.write(f"{os.getpid()}\n")
+                time.sleep(0.4)
+                yield out
+
+    job = EmbedJob(input=str(tmp_path / "in"), output=str(tmp_path / "out"), model=MODEL, pretrained=False,
+                   input_size=SIZE, batch_size=4, actors=1, cpus_per_actor=1.0, preprocess_cpus=0.5)
+    summary = embed_store(job, preprocessor_cls=SlowPreprocessor)
+    assert len(set(pids.read_text().split())) == 2
+    assert (summary.rows_in, summary.rows_out, summary.rows_errored) == (48, 48, 0)
+    out_ids = _output_ids(str(tmp_path / "out"))
+    assert len(out_ids) == len(set(out_ids)) and set(out_ids) == set(images)
+
+
 def test_gpus_requested_without_gpus_fail_at_once(tmp_path, ray_session):
     _write_store(str(tmp_path / "in"), shards=1, rows=2)
     t0 = time.perf_counter()
