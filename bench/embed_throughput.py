@@ -249,9 +249,8 @@ def tree_sample(root_pid: int, cpu_prefix: str = REPLICA_CMDLINE) -> tuple[int, 
     return sum(rss.get(p, 0) for p in tree), cpu
 
 
-def pipeline_child(stores: list[str], outs: list[str], batch: int, replicas: int, threads: int,
-                   compile: bool) -> None:
-    """Embed each store in turn, in this process's one local Ray; a START and a RESULT line on stdout per store."""
+def pipeline_child(store: str, out: str, batch: int, replicas: int, threads: int, compile: bool) -> None:
+    """Embed ``store`` in this process's own local Ray; a START line on stdout as the job starts, a RESULT line after."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from galray.embed import EmbedJob, embed_store
     from galray.session import ensure_ray
@@ -259,20 +258,16 @@ def pipeline_child(stores: list[str], outs: list[str], batch: int, replicas: int
 
     cpus = os.cpu_count() or 1
     ensure_ray(num_cpus=cpus)
-    for store, out in zip(stores, outs):
-        print(f"START {store}", flush=True)
-        job = EmbedJob(input=store, output=out, model=MODEL, pretrained=False, batch_size=batch, actors=replicas,
-                       torch_threads=threads, cpus_per_actor=(cpus - PREPROCESS_CPUS) / replicas,
-                       preprocess_cpus=PREPROCESS_CPUS, compile=compile, tracking=TrackingConfig(enabled=False))
-        t0 = time.perf_counter()
-        summary = embed_store(job)
-        seconds = time.perf_counter() - t0
-        print(summary.format(), file=sys.stderr)
-        print("RESULT " + json.dumps({"seconds": seconds, "rows": summary.rows_out, "startup_s": summary.startup_s,
-                                      "steady": summary.steady_rows_per_s}), flush=True)
-        # Ray Data kills a finished pipeline's actors without waiting for their processes to exit:
-        # let them go, so the next store's peak RSS is its own, not the sum of two model pools.
-        _wait_for_exit(("ray::MapWorker",), timeout_s=60)
+    job = EmbedJob(input=store, output=out, model=MODEL, pretrained=False, batch_size=batch, actors=replicas,
+                   torch_threads=threads, cpus_per_actor=(cpus - PREPROCESS_CPUS) / replicas,
+                   preprocess_cpus=PREPROCESS_CPUS, compile=compile, tracking=TrackingConfig(enabled=False))
+    print("START", flush=True)
+    t0 = time.perf_counter()
+    summary = embed_store(job)
+    seconds = time.perf_counter() - t0
+    print(summary.format(), file=sys.stderr)
+    print("RESULT " + json.dumps({"seconds": seconds, "rows": summary.rows_out, "startup_s": summary.startup_s,
+                                  "steady": summary.steady_rows_per_s}), flush=True)
 
 
 RAY_CMDLINES = ("ray::", "site-packages/ray/")  # Ray's workers; raylet, GCS, agents and monitors
@@ -299,18 +294,15 @@ def _wait_for_exit(markers: tuple[str, ...], timeout_s: float) -> float:
     return time.monotonic() - t0
 
 
-def run_pipelines(stores: list[str], outs: list[str], batch: int, replicas: int, threads: int,
-                  compile: bool) -> list[dict]:
-    """The pipeline on each store in turn, in one fresh process with its own local Ray.
+def run_pipeline(store: str, out: str, batch: int, replicas: int, threads: int, compile: bool) -> dict:
+    """The pipeline on ``store``, in a fresh process with its own local Ray.
 
-    Returns per store: seconds, rows, startup_s, steady (img/s) and peak_rss_mb, the peak of the
-    whole process tree (driver, raylet, GCS, workers) while that store was being embedded. A later
-    store's peak includes whatever the earlier ones left behind, so it can only be overstated.
+    Returns seconds, rows, startup_s, steady (img/s), peak_rss_mb (the whole process tree's:
+    driver, raylet, GCS, workers), and the replicas' cores and CPU ms per image in the steady window.
     """
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, __file__, "--child", os.pathsep.join(stores), os.pathsep.join(outs),
-                             str(batch), str(replicas), str(threads), str(int(compile))],
-                            stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, __file__, "--child", store, out, str(batch), str(replicas), str(threads),
+                             str(int(compile))], stdout=subprocess.PIPE, text=True, env=env)
     lock, peak = threading.Lock(), [0]
     cpu_series: list[tuple[float, float]] = []  # (time, replicas' CPU seconds so far)
     stop = threading.Event()
@@ -333,30 +325,26 @@ def run_pipelines(stores: list[str], outs: list[str], batch: int, replicas: int,
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    results = []
+    result: dict = {}
     started = 0.0
     for line in proc.stdout:
-        if line.startswith("START "):
-            started = time.perf_counter()
-            with lock:
-                peak[0] = tree_sample(proc.pid)[0]
+        if line.startswith("START"):
+            started = time.perf_counter()  # the job's clock starts here: its startup_s and seconds count from it
         elif line.startswith("RESULT "):
-            with lock:
-                top = max(peak[0], tree_sample(proc.pid)[0])
             result = json.loads(line[7:])
-            cores = replica_cores(started + result["startup_s"], started + result["seconds"])
-            results.append({**result, "peak_rss_mb": top / 2 ** 20, "replica_cores": cores,
-                            "replica_cpu_ms_per_img": 1000 * cores / result["steady"]})
     proc.wait()
     stop.set()
     sampler.join()
-    if proc.returncode != 0 or len(results) != len(stores):
+    if proc.returncode != 0 or not result:
         raise RuntimeError(f"pipeline run failed with exit code {proc.returncode}")
+    cores = replica_cores(started + result["startup_s"], started + result["seconds"])
+    result.update(peak_rss_mb=peak[0] / 2 ** 20, replica_cores=cores,
+                  replica_cpu_ms_per_img=1000 * cores / result["steady"])
     # Ray's processes outlive the driver by a moment: a measurement of the limit made while they
     # wind down would run on less than the whole machine (and flatter the pipeline).
     waited = _wait_for_exit(RAY_CMDLINES, timeout_s=60)
     print(f"Ray's processes gone {waited:.1f} s after the pipeline process exited", file=sys.stderr)
-    return results
+    return result
 
 
 def main() -> None:
@@ -373,9 +361,8 @@ def main() -> None:
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        stores, outs, batch, replicas, threads, compile = args.child
-        pipeline_child(stores.split(os.pathsep), outs.split(os.pathsep), int(batch), int(replicas), int(threads),
-                       bool(int(compile)))
+        store, out, batch, replicas, threads, compile = args.child
+        pipeline_child(store, out, int(batch), int(replicas), int(threads), bool(int(compile)))
         return
 
     import torch
@@ -403,13 +390,12 @@ def main() -> None:
         torch.set_num_threads(cores)
         ips_naive_before, rows_naive = naive(f"{tmp}/store_10n", f"{tmp}/naive_out", batch, max_rows=2 * n)
         print(f"naive loop on {rows_naive} rows: {ips_naive_before:.1f} img/s", file=sys.stderr)
-        (run_n,) = run_pipelines([f"{tmp}/store_n"], [f"{tmp}/out_n"], batch, args.replicas, args.threads,
-                                 args.compile)
+        run_n = run_pipeline(f"{tmp}/store_n", f"{tmp}/out_n", batch, args.replicas, args.threads, args.compile)
         print(f"pipeline N={run_n['rows']}: {run_n}", file=sys.stderr)
         # The machine drifts: the limit is measured right before and right after the 10N run.
         ips_model_before, cpu_ms_model_before = limit()
-        (run_10n,) = run_pipelines([f"{tmp}/store_10n"], [f"{tmp}/out_10n"], batch, args.replicas, args.threads,
-                                   args.compile)
+        run_10n = run_pipeline(f"{tmp}/store_10n", f"{tmp}/out_10n", batch, args.replicas, args.threads,
+                               args.compile)
         print(f"pipeline 10N={run_10n['rows']}: {run_10n}", file=sys.stderr)
         ips_model_after, cpu_ms_model_after = limit()
         limit_pool.close()
