@@ -267,7 +267,8 @@ def pipeline_child(store: str, out: str, batch: int, replicas: int, threads: int
     seconds = time.perf_counter() - t0
     print(summary.format(), file=sys.stderr)
     print("RESULT " + json.dumps({"seconds": seconds, "rows": summary.rows_out, "startup_s": summary.startup_s,
-                                  "steady": summary.steady_rows_per_s}), flush=True)
+                                  "steady": summary.steady_rows_per_s, "steady_window_s": summary.steady_window_s}),
+          flush=True)
 
 
 RAY_CMDLINES = ("ray::", "site-packages/ray/")  # Ray's workers; raylet, GCS, agents and monitors
@@ -337,7 +338,7 @@ def run_pipeline(store: str, out: str, batch: int, replicas: int, threads: int, 
     sampler.join()
     if proc.returncode != 0 or not result:
         raise RuntimeError(f"pipeline run failed with exit code {proc.returncode}")
-    cores = replica_cores(started + result["startup_s"], started + result["seconds"])
+    cores = replica_cores(*(started + t for t in result["steady_window_s"]))  # the steady rate's own window
     result.update(peak_rss_mb=peak[0] / 2 ** 20, replica_cores=cores,
                   replica_cpu_ms_per_img=1000 * cores / result["steady"])
     # Ray's processes outlive the driver by a moment: a measurement of the limit made while they

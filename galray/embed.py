@@ -579,7 +579,8 @@ def embed_store(job: EmbedJob, embedder_cls: type[Embedder] = Embedder,
         log.warning("dropped %d replayed duplicate row(s)", collector.duplicates)
     summary = StageSummary(stage=STAGE, rows_in=sum(rows.values()), rows_out=written, rows_errored=errored,
                            seconds=time.perf_counter() - t0, output=job.output, skipped_shards=len(shards) - len(todo),
-                           startup_s=rate.startup_s, steady_rows_per_s=rate.rows_per_s)
+                           startup_s=rate.startup_s, steady_rows_per_s=rate.rows_per_s,
+                           steady_window_s=rate.window_s)
     run.finish(summary, {"actors": actors, "duplicates_dropped": collector.duplicates, "embedding_dim": dim})
     summary.check()
     return summary

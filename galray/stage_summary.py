@@ -24,6 +24,8 @@ class StageSummary:
     """Seconds until the first rows came back (workers, model load, compilation); None if not measured."""
     steady_rows_per_s: float | None = None
     """Rows/s once the job has ramped up (see :class:`SteadyRate`): the rate a long run settles at."""
+    steady_window_s: tuple[float, float] | None = None
+    """(from, to) seconds after the start over which ``steady_rows_per_s`` was measured."""
 
     @property
     def rows_per_s(self) -> float:
@@ -81,3 +83,10 @@ class SteadyRate:
         if self.window is None or self.last is None or self.last[0] <= self.window[0]:
             return None
         return round((self.last[1] - self.window[1]) / (self.last[0] - self.window[0]), 2)
+
+    @property
+    def window_s(self) -> tuple[float, float] | None:
+        """(from, to) seconds after ``t0`` of the window ``rows_per_s`` covers."""
+        if self.rows_per_s is None:
+            return None
+        return round(self.window[0] - self.t0, 2), round(self.last[0] - self.t0, 2)

@@ -244,6 +244,7 @@ def test_steady_rate_excludes_start_up_and_ramp():
         now[0] = t
         rate.update(rows)
     assert rate.startup_s == 30.0 and rate.rows_per_s == 20.0
+    assert rate.window_s == (36.0, 51.0)  # from the arrival that completed the first quarter to the last
     line = StageSummary("embed", 400, 400, 0, 51.0, startup_s=rate.startup_s, steady_rows_per_s=rate.rows_per_s).format()
     assert "start-up 30.0 s, then 20.0 rows/s" in line
     no_total = SteadyRate(t0=0.0, clock=lambda: now[0])
