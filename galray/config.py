@@ -4,17 +4,19 @@ Every config in galray is a frozen dataclass. This module turns plain data (YAML
 ``--set a.b=c`` overrides) into those dataclasses and back, and fails at once with the
 field's dotted name when a key is unknown or a value has the wrong type or range.
 
-Pure module: never imports ray, mlflow or boto3 (see ARCHITECTURE.md).
+Pure module: never imports ray, mlflow, boto3, botocore or s3fs (tests/test_layering.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
+import warnings
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -27,6 +29,10 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(f"{field}: {message}" if field else message)
+
+
+class ConfigDeprecationWarning(FutureWarning):
+    """An old config key or flag was used; it still works for one release. The message names the new one."""
 
 
 def check(condition: bool, field: str, message: str) -> None:
@@ -98,12 +104,18 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             return value
         raise ConfigError(path, f"expected true or false, got {value!r}")
     if tp is int:
+        if isinstance(value, str):
+            value = _parse_number(value, path, integer=True)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(path, f"expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            value = _parse_number(value, path)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(path, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -114,9 +126,73 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
 
 
+def _parse_number(text: str, path: str, integer: bool = False) -> int | float:
+    """A number as a person types it: ``1e-3``, ``2.5``, ``1_000``, ``1e3`` for an integer.
+
+    PyYAML reads YAML 1.1, where ``1e-3`` (no dot) is a string, so a YAML file or ``--set lr=1e-3``
+    hands such numbers over as text; Python's own grammar reads them.
+    """
+    kind = "an integer" if integer else "a number"
+    try:
+        number = float(text.strip())
+    except ValueError:
+        raise ConfigError(path, f"expected {kind}, got {text!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(path, f"must be a finite number, got {text!r}")
+    if not integer:
+        return number
+    try:
+        return int(text.strip())
+    except ValueError:
+        if number.is_integer():
+            return int(number)
+        raise ConfigError(path, f"expected an integer, got {text!r}") from None
+
+
+def upgrade_keys(cls: type, data: Mapping[str, Any], path: str = "", warn: bool = True) -> dict[str, Any]:
+    """``data`` with the keys ``cls.RENAMED`` lists moved to their new (dotted) names.
+
+    A config class declares ``RENAMED: ClassVar[dict[str, str]] = {"out": "output"}`` for keys renamed
+    in this release: an old key keeps working for one release, with a :class:`ConfigDeprecationWarning`
+    that names the new key; giving both the old and the new key is an error. Nested sections are
+    upgraded when their own class is built.
+    """
+    out = dict(data)
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        node = out
+        *parents, last = new.split(".")
+        for k in parents:
+            sub = node.get(k)
+            if sub is not None and not isinstance(sub, Mapping):
+                raise ConfigError(_join(path, old), f"was renamed to {_join(path, new)}, which is also given")
+            node[k] = sub = dict(sub or {})
+            node = sub
+        if last in node:
+            raise ConfigError(_join(path, old), f"was renamed to {_join(path, new)}: give only {_join(path, new)}")
+        node[last] = value
+        if warn:
+            warnings.warn(f"config key {_join(path, old)!r} is deprecated and will be removed in the next release: "
+                          f"use {_join(path, new)!r}", ConfigDeprecationWarning, stacklevel=2)
+    return out
+
+
+def field_spec(cls: type, dotted: str) -> tuple[Any, Any]:
+    """``(type, default)`` of the field ``dotted`` (``a.b``) of dataclass ``cls``; the default is
+    ``dataclasses.MISSING`` for a required field. For the CLI: flag types and help defaults."""
+    *parents, last = dotted.split(".")
+    for name in parents:
+        cls = get_type_hints(cls)[name]
+    f = {f.name: f for f in dataclasses.fields(cls)}[last]
+    default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+    return get_type_hints(cls)[last], default
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
     """Build dataclass ``cls`` from ``data``. Unknown keys and bad values raise ConfigError."""
-    data = dict(data or {})
+    data = upgrade_keys(cls, data or {}, path)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))

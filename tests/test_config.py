@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
 import yaml
 
-from galray.config import ConfigError, check, dumps, flatten, from_dict, load, replace, to_dict
+from galray.config import (ConfigDeprecationWarning, ConfigError, check, dumps, field_spec, flatten, from_dict, load,
+                           replace, to_dict, upgrade_keys)
 from galray.storage import StorageConfig
 
 
@@ -86,3 +87,50 @@ def test_dump_yaml_and_json_redact_secrets():
     assert data["storage"]["secret_access_key"] == "***" and data["inner"]["k"] == 8
     assert flatten(cfg)["storage.secret_access_key"] == "***"
     assert yaml.safe_load(dumps(Outer()))["inner"]["widths"] == [64, 128]
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("2.5", 2.5), ("3", 3.0), ("-1E2", -100.0), ("1_000", 1000.0)])
+def test_numbers_parse_as_typed(text, value):
+    """PyYAML (YAML 1.1) reads 1e-3 as a string; a number field takes it as the number it is."""
+    assert load(Outer, overrides=[f"inner.lr={text}"]).inner.lr == value
+    assert from_dict(Outer, {"inner": {"lr": text}}).inner.lr == value
+
+
+@pytest.mark.parametrize("text", [".inf", "-.inf", ".nan", "inf", "nan", "1e400"])
+def test_non_finite_numbers_are_refused(text):
+    with pytest.raises(ConfigError, match="finite") as info:
+        load(Outer, overrides=[f"inner.lr={text}"])
+    assert info.value.field == "inner.lr"
+
+
+def test_integers_parse_as_typed():
+    assert load(Outer, overrides=["inner.k=1e1"]).inner.k == 10
+    with pytest.raises(ConfigError, match="expected an integer") as info:
+        load(Outer, overrides=["inner.k=2.5"])
+    assert info.value.field == "inner.k"
+
+
+@dataclass(frozen=True)
+class Renamed:
+    RENAMED: ClassVar[dict[str, str]] = {"out": "output", "k": "inner.k"}
+    output: str = "x"
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_renamed_keys_keep_working_with_a_warning_naming_the_new_key():
+    with pytest.warns(ConfigDeprecationWarning, match="'out' is deprecated .* use 'output'"):
+        cfg = from_dict(Renamed, {"out": "y"})
+    assert cfg.output == "y"
+    with pytest.warns(ConfigDeprecationWarning, match="use 'inner.k'"):
+        assert from_dict(Renamed, {"k": 3, "inner": {"mode": "b"}}).inner == Inner(k=3, mode="b")
+    with pytest.raises(ConfigError, match="renamed to output") as info:
+        from_dict(Renamed, {"out": "y", "output": "z"})
+    assert info.value.field == "out"
+    data = {"out": "y"}
+    assert upgrade_keys(Renamed, data, warn=False) == {"output": "y"} and data == {"out": "y"}
+
+
+def test_field_spec_reads_types_and_defaults():
+    assert field_spec(Outer, "inner.k") == (int, 8)
+    assert field_spec(Outer, "inner.widths") == (tuple[int, ...], (64, 128))
+    assert field_spec(Outer, "storage.max_attempts") == (int, 10)
