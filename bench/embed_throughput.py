@@ -16,7 +16,7 @@ Galaxy Zoo DESI) hands out, which must be decoded and resized to 224:
     decode and resize image by image, run the model, write the shard's embeddings, one step after
     another, over 2N rows. Timed from after model creation (like the pipeline's steady rate), and
     measured once before the limit and once after it: ``img_per_s_naive`` is the mean.
-(c) pipeline: ``galray.embed.embed_store`` from the store to the output store, at N and at 10N rows,
+(c) pipeline: ``galray.stages.embed.embed_store`` from the store to the output store, at N and at 10N rows,
     each in a fresh process with its own local Ray. On a CPU-only machine it runs one single-threaded
     replica per core (several single-threaded replicas use the cores better than one multi-threaded
     one) and leaves half a CPU to the preprocessing actor; on a GPU machine, one replica per GPU.
@@ -252,7 +252,7 @@ def tree_sample(root_pid: int, cpu_prefix: str = REPLICA_CMDLINE) -> tuple[int, 
 def pipeline_child(store: str, out: str, batch: int, replicas: int, threads: int, compile: bool) -> None:
     """Embed ``store`` in this process's own local Ray; a START line on stdout as the job starts, a RESULT line after."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from galray.embed import EmbedJob, embed_store
+    from galray.stages.embed import EmbedJob, embed_store
     from galray.session import ensure_ray
     from galray.tracking import TrackingConfig
 

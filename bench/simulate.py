@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from galray.data.simulate import SimConfig, render_batch
+from galray.data.galsim_survey import SimConfig, render_batch
 from galray.session import ensure_ray
-from galray.simulate import SimulateJob, simulate_survey
+from galray.stages.simulate import SimulateJob, simulate_survey
 
 
 def serial_rate(size: int, n: int) -> float:

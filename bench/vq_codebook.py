@@ -9,7 +9,7 @@ default settings, as the reference blog used it. Both are then evaluated on held
 
 Keys: codebook_size, utilisation_galray, perplexity_galray, mse_galray, utilisation_peer,
 perplexity_peer, mse_peer. Target at 1024 codes: utilisation >= 0.95 and perplexity >= 700 at
-MSE <= the peer's. Cutouts come from galray.data.simulate.render_batch when importable, else from
+MSE <= the peer's. Cutouts come from galray.data.galsim_survey.render_batch when importable, else from
 a small Sersic-blob generator below; they are cached under /tmp for reruns.
 """
 
@@ -33,7 +33,7 @@ from galray.models.vqvae import VQVAE, VQVAEConfig, scale_uint8
 
 # ---- data ---------------------------------------------------------------------------------------
 def _render_chunk(args: tuple[list[int], object]) -> np.ndarray:
-    from galray.data.simulate import render_batch
+    from galray.data.galsim_survey import render_batch
 
     indices, cfg = args
     return render_batch(indices, cfg)["image"]
@@ -42,7 +42,7 @@ def _render_chunk(args: tuple[list[int], object]) -> np.ndarray:
 def _simulated(n: int, size: int, seed: int, workers: int) -> np.ndarray | None:
     """Cutouts from galray's GalSim survey simulator, or None if it is not importable."""
     try:
-        from galray.data.simulate import SimConfig
+        from galray.data.galsim_survey import SimConfig
     except ImportError:
         return None
     cfg = SimConfig(size=size, seed=seed)
@@ -96,7 +96,7 @@ def load_cutouts(n: int, size: int, seed: int = 0, workers: int = 2) -> tuple[np
     """(N, size, size, 3) uint8 cutouts and their source ("simulate" or the "sersic" fallback),
     cached as .npy under /tmp for reruns."""
     try:
-        import galray.data.simulate  # noqa: F401
+        import galray.data.galsim_survey  # noqa: F401
 
         source = "simulate"
     except ImportError:

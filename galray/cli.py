@@ -65,7 +65,7 @@ def _job_config(cls: type, args: argparse.Namespace, base: dict[str, Any]) -> An
 # --- verbs -------------------------------------------------------------------------------------
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from galray.simulate import SimulateJob, format_summary, simulate_survey
+    from galray.stages.simulate import SimulateJob, format_summary, simulate_survey
 
     job = _job_config(SimulateJob, args, _flags(**{
         "n": args.n, "out": args.out, "shard_rows": args.shard_rows, "preview": args.preview,
@@ -75,7 +75,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from galray.sample import SampleJob, write_sample
+    from galray.stages.sample import SampleJob, write_sample
 
     job = _job_config(SampleJob, args, _flags(**{"source": args.source, "out": args.out, "xdf.size": args.size}))
     s = write_sample(job)
@@ -85,7 +85,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from galray.ingest import IngestJob, ingest
+    from galray.stages.ingest import IngestJob, ingest
 
     job = _job_config(IngestJob, args, _flags(**{
         "format": args.format, "src": args.src, "out": args.out, "catalog": args.catalog,
@@ -103,7 +103,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from galray.embed import EmbedJob, embed_store
+    from galray.stages.embed import EmbedJob, embed_store
 
     job = _job_config(EmbedJob, args, _flags(**{
         "input": args.input, "output": args.output, "model": args.model, "weights": args.weights,
@@ -116,7 +116,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from galray.generate import generate_grid
+    from galray.stages.generate import generate_grid
 
     out = generate_grid(args.prior, args.vqvae, args.out, n=args.n, label=args.label, cfg_scale=args.cfg_scale,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -139,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from galray.encode import EncodeJob, encode_store
+    from galray.stages.encode import EncodeJob, encode_store
 
     job = _job_config(EncodeJob, args, _flags(**{
         "input": args.input, "vqvae": args.vqvae, "output": args.output, "batch_size": args.batch_size,
@@ -149,7 +149,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from galray.demo import DemoConfig, run_demo
+    from galray.stages.demo import DemoConfig, run_demo
 
     cfg = _job_config(DemoConfig, args, _flags(out=args.out, n=args.n, size=args.size, seed=args.seed,
                                                steps=args.steps))

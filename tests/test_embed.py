@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from galray.config import ConfigError
 from galray.data.cutouts import CutoutError, encode_png
 from galray.data.shards import ERRORS_DIR, ImageSpec, list_parquet, make_table, shard_name, write_table
-from galray.embed import (EMBEDDING_COLUMN, EmbedJob, Embedder, ImagePlan, ShardPreprocessor, embed_dataset,
+from galray.stages.embed import (EMBEDDING_COLUMN, EmbedJob, Embedder, ImagePlan, ShardPreprocessor, embed_dataset,
                           embed_store, plan_for, prepare_image, preprocess_batch, read_embeddings)
 from galray.models.backbones import (BackboneConfig, BackboneError, UnsafeWeightsError, create_backbone,
                                      embedding_dim, load_weights_file, to_model_input)
@@ -199,7 +199,7 @@ def test_compiled_inference_equals_eager_with_padded_and_chunked_batches():
 
 def test_exact_batches_recut_row_groups_into_full_batches():
     """Parquet batches end at row groups; the re-cut gives full batches and one short tail, rows in order."""
-    from galray.embed import exact_batches
+    from galray.stages.embed import exact_batches
 
     sizes, start, batches = (5, 3, 10, 1), 0, []
     for n in sizes:
@@ -214,7 +214,7 @@ def test_exact_batches_recut_row_groups_into_full_batches():
 def test_inflight_cap_and_block_size_are_per_pipeline_and_keep_tighter_limits():
     import ray.data
 
-    from galray.embed import MIN_INFLIGHT_BYTES, _bound_inflight
+    from galray.stages.embed import MIN_INFLIGHT_BYTES, _bound_inflight
 
     plan = ImagePlan("image", "encoded", "HWC", size=224, in_chans=3, float_input=False)
     job = EmbedJob(input="a", output="b", model=MODEL, batch_size=64, inflight_batches=4)
@@ -234,7 +234,7 @@ def test_inflight_cap_and_block_size_are_per_pipeline_and_keep_tighter_limits():
 
 
 def test_steady_rate_excludes_start_up_and_ramp():
-    from galray.stage_summary import StageSummary, SteadyRate
+    from galray.stages.summary import StageSummary, SteadyRate
 
     now = [100.0]
     rate = SteadyRate(t0=100.0, total=400, clock=lambda: now[0])
@@ -255,7 +255,7 @@ def test_steady_rate_excludes_start_up_and_ramp():
 
 
 def test_models_and_embed_module_stay_free_of_the_ray_layer():
-    code = ("import sys, galray.embed; bad = {'ray', 'mlflow', 'boto3', 'torch'} & set(sys.modules); "
+    code = ("import sys, galray.stages.embed; bad = {'ray', 'mlflow', 'boto3', 'torch'} & set(sys.modules); "
             "import galray.models.backbones; bad |= {'ray', 'mlflow', 'boto3'} & set(sys.modules); print(sorted(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
@@ -384,7 +384,7 @@ def test_killed_preprocessing_and_inference_actors_still_give_exactly_once_outpu
 def test_preprocessing_pool_grows_into_the_cpus_the_replicas_leave(ray_session):
     """2 CPUs: one 1-CPU replica leaves room for two 0.5-CPU preprocessing actors, never more than
     one per shard; a user's preprocess_actors caps it; a pool that fills the CPUs still gets one."""
-    from galray.embed import _preprocess_pool_max
+    from galray.stages.embed import _preprocess_pool_max
 
     job = EmbedJob(input="a", output="b", model=MODEL, cpus_per_actor=1.0, preprocess_cpus=0.5)
     assert _preprocess_pool_max(job, actors=1, shards=10) == 2

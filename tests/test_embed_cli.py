@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 from conftest import run_cli
 
 from galray.data.shards import make_table, shard_name, write_table
-from galray.data.simulate import SimConfig, render_batch
-from galray.simulate import image_spec
+from galray.data.galsim_survey import SimConfig, render_batch
+from galray.stages.simulate import image_spec
 from galray.storage import arrow_filesystem
 
 

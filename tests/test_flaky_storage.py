@@ -17,7 +17,7 @@ import pytest
 from flaky_proxy import FAULT_KINDS, FaultPlan, FlakyProxy
 
 from galray.data.shards import ERRORS_DIR, ImageSpec, list_parquet, make_table, shard_name, write_table
-from galray.embed import EmbedJob, embed_store
+from galray.stages.embed import EmbedJob, embed_store
 from galray.storage import StorageConfig, StorageError, arrow_filesystem
 
 SIZE = 32

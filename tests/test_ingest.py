@@ -24,7 +24,7 @@ from galray.data.cutouts import CropResizeConfig, StretchConfig, crop_resize, de
 from galray.data.formats import GALAXY10_CLASSES, CutoutPolicy, FitsConfig
 from galray.data.shards import CONFIG_NAME, ERRORS_DIR, images_from_table, list_parquet, spec_from_schema
 from galray.data.store import store_summary
-from galray.ingest import IngestJob, ingest
+from galray.stages.ingest import IngestJob, ingest
 from galray.storage import StorageConfig, arrow_filesystem, join, read_text
 
 SIDE = 32

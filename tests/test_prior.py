@@ -221,7 +221,7 @@ def test_generate_grid_writes_png(tmp_path):
     vq = pytest.importorskip("galray.models.vqvae")
     from PIL import Image
 
-    from galray.generate import generate_grid, image_grid
+    from galray.stages.generate import generate_grid, image_grid
 
     torch.manual_seed(0)
     vcfg = vq.VQVAEConfig(image_size=16, channels=(8, 8), latent_size=4, code_dim=8, codebook_size=32,
@@ -246,7 +246,7 @@ def test_generate_grid_writes_png(tmp_path):
 
 
 def test_image_grid_layout():
-    from galray.generate import image_grid
+    from galray.stages.generate import image_grid
 
     imgs = torch.stack([torch.full((3, 2, 2), v) for v in (-1.0, 0.0, 1.0)])
     grid = image_grid(imgs)  # 2 x 2 cells, the last one blank

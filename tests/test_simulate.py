@@ -13,7 +13,7 @@ import pytest
 
 from galray.analysis.montage import class_montage, montage_shape
 from galray.config import ConfigError, from_dict
-from galray.data.simulate import (CLASS_NAMES, TRUTH_FIELDS, SimConfig, _cfg_grid, _Scene,
+from galray.data.galsim_survey import (CLASS_NAMES, TRUTH_FIELDS, SimConfig, _cfg_grid, _Scene,
                                   flux_to_rgb, render_batch, render_galaxy)
 
 PER_CLASS = 5
@@ -222,7 +222,7 @@ def test_montage_one_row_per_class(tmp_path):
 
 
 def test_pure_imports():
-    code = ("import sys, galray.data.simulate, galray.analysis.montage; "
+    code = ("import sys, galray.data.galsim_survey, galray.analysis.montage; "
             "bad = [m for m in ('ray', 'mlflow', 'boto3', 'torch') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 from conftest import run_cli
 
 from galray.data.shards import images_from_table
-from galray.data.simulate import CLASS_NAMES, SimConfig, render_batch
+from galray.data.galsim_survey import CLASS_NAMES, SimConfig, render_batch
 from galray.data.store import store_summary
-from galray.simulate import SimulateJob, simulate_survey
+from galray.stages.simulate import SimulateJob, simulate_survey
 
 
 def _digests(folder) -> dict[str, str]:

@@ -20,7 +20,7 @@ import torch
 
 from galray.config import ConfigError, from_dict
 from galray.data.shards import ImageSpec, make_table, shard_name, write_table
-from galray.data.simulate import SimConfig, render_batch
+from galray.data.galsim_survey import SimConfig, render_batch
 from galray.storage import arrow_filesystem
 from galray.train.config import TrainJob
 from galray.train.launch import is_val
@@ -89,7 +89,7 @@ def _cutout_store(uri: str, n_shards: int, rows: int, size: int = 32, flux: bool
 
 
 def _embedding_store(uri: str, d: int = 16) -> None:
-    from galray.embed import embedding_table
+    from galray.stages.embed import embedding_table
     from galray.models.sae import planted_dictionary
 
     x, _ = planted_dictionary(ROWS * SHARDS, d, n_features=24, k_active=2, noise=0.01, seed=0)
@@ -128,7 +128,7 @@ def test_job_config_validation():
 
 
 def test_figures_are_pure():
-    code = ("import sys, numpy as np; from galray.train import figures as f;"
+    code = ("import sys, numpy as np; from galray.analysis import figures as f;"
             "f.loss_curves({'loss': ([1, 2, 3], [3.0, 2.0, 1.0])});"
             "f.codebook_usage(np.array([5, 0, 3, 1]));"
             "f.feature_density([1, 2], [-2.0, -1.0, 0.0], n_latents=8, n_samples=10);"
@@ -215,7 +215,7 @@ def test_vqvae_two_workers(ray_session, s3_env, s3_server, tmp_path, monkeypatch
 
 
 def test_encode_then_prior_two_workers(ray_session, s3_env, s3_server, tmp_path, monkeypatch):
-    from galray.encode import EncodeJob, encode_store
+    from galray.stages.encode import EncodeJob, encode_store
     from galray.models.checkpoint import save_model
     from galray.models.vqvae import VQVAE, VQVAEConfig
     from galray.train.launch import fit

@@ -101,7 +101,7 @@ def vqvae_batch(batch: dict[str, np.ndarray], split: str, val_fraction: float, p
     """Cutout rows -> {"pixels": (N, C, S, S)}: `galray embed`'s preprocessing at the VQ-VAE's size.
     Rows whose image cannot be used (CutoutError) are left out."""
     from galray.data.cutouts import CutoutError
-    from galray.embed import prepare_image
+    from galray.stages.embed import prepare_image
 
     keep = np.flatnonzero(_keep(list(batch[ID_COLUMN]), split, val_fraction))
     images = batch[plan.column]
@@ -155,7 +155,7 @@ def _sae_init(job: TrainJob, storage: StorageConfig) -> dict[str, Any]:
 
 
 def _image_plan(job: TrainJob, storage: StorageConfig) -> Any:
-    from galray.embed import plan_for
+    from galray.stages.embed import plan_for
 
     fs, paths = _shards(job, storage)
     m = job.vqvae.model
@@ -296,7 +296,7 @@ def _metric_series(tracking: TrackingConfig, run_id: str, keys: Sequence[str]) -
 
 
 def _log_outputs(job: TrainJob, tracker: Tracker, tracking: TrackingConfig, result: Any, ret: dict[str, Any]) -> None:
-    from galray.train import figures
+    from galray.analysis import figures
 
     if not tracker.active:
         return

@@ -38,7 +38,7 @@ from galray.data.formats import (DEFAULT_CATALOG_ID_COLUMN, DEFAULT_GZ_ID_COLUMN
 from galray.data.shards import (CONFIG_NAME, ERRORS_DIR, ID_COLUMN, IMAGE_COLUMN, errors_table, list_parquet,
                                 shard_name, write_table)
 from galray.session import ensure_ray
-from galray.stage_summary import StageSummary
+from galray.stages.summary import StageSummary
 from galray.storage import StorageConfig, arrow_filesystem, check_access, exists, join, read_text, write_text
 
 

@@ -65,7 +65,7 @@ from galray.data.cutouts import (CropResizeConfig, CutoutError, StretchConfig, a
 from galray.data.shards import (CONFIG_NAME, ERRORS_DIR, ID_COLUMN, IMAGE_COLUMN, META_KEY, ImageSpec,
                                 errors_table, images_from_table, list_parquet, read_metadata, write_table)
 from galray.data.resume import plan_shard_work
-from galray.stage_summary import StageSummary, SteadyRate
+from galray.stages.summary import StageSummary, SteadyRate
 from galray.storage import StorageConfig, StorageError, arrow_filesystem, join, write_text
 from galray.tracking import StageRun, TrackingConfig
 

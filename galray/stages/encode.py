@@ -1,13 +1,13 @@
 """`galray encode`: turn a cutout store into VQ-VAE code sequences (the prior's training data).
 
 A fixed pool of Ray actors, each holding the VQ-VAE once, takes whole input shards: it reads a
-shard, preprocesses every image exactly as `galray embed` does (``galray.embed.prepare_image``
+shard, preprocesses every image exactly as `galray embed` does (``galray.stages.embed.prepare_image``
 at the VQ-VAE's image size; the same preprocessing the VQ-VAE was trained with in
 ``galray.train``), encodes in batches and writes one output file for that shard. The unit of
 work is one shard, written whole (errors first, codes last), so a rerun after a crash redoes only
 the shards without an output file and nothing is ever duplicated.
 
-(``galray.embed``'s streaming pipeline is built around a backbone's pooled embedding and its
+(``galray.stages.embed``'s streaming pipeline is built around a backbone's pooled embedding and its
 ``ShardCollector`` writes ``embedding`` columns, so it is not reused here; this per-shard actor
 pool is the compact equivalent, sharing embed's preprocessing and shard naming.)
 
@@ -46,7 +46,7 @@ from galray.data.cutouts import CutoutError, StretchConfig
 from galray.data.shards import (CONFIG_NAME, ERRORS_DIR, ID_COLUMN, META_KEY, errors_table,
                                 write_table)
 from galray.data.resume import plan_shard_work
-from galray.stage_summary import StageSummary
+from galray.stages.summary import StageSummary
 from galray.storage import StorageConfig, StorageError, arrow_filesystem, join, write_text
 
 STAGE = "encode"
@@ -163,7 +163,7 @@ class ShardEncoder:
         return idx.reshape(idx.shape[0], -1).cpu().numpy()
 
     def encode_shard(self, path: str) -> tuple[int, int]:
-        from galray.embed import prepare_image, shard_stem
+        from galray.stages.embed import prepare_image, shard_stem
 
         job, plan = self.job, self.plan
         stem = shard_stem(path)
@@ -240,7 +240,7 @@ def encode_store(job: EncodeJob) -> StageSummary:
     import ray
     from ray.util import ActorPool
 
-    from galray.embed import plan_for
+    from galray.stages.embed import plan_for
     from galray.session import ensure_ray
 
     t0 = time.perf_counter()

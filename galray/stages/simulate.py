@@ -1,6 +1,6 @@
 """Render a simulated survey into a cutout store, in parallel through Ray Data.
 
-The rendering itself is :mod:`galray.data.simulate` (pure numpy + GalSim). This module plans
+The rendering itself is :mod:`galray.data.galsim_survey` (pure numpy + GalSim). This module plans
 shards, runs one Ray Data task per shard that renders and writes ``shard-NNNNN.parquet``, and
 skips shards that already exist, so an interrupted run resumes and a rerun duplicates nothing.
 Galaxy ``i`` depends only on (seed, i), so the output is byte-identical for a given seed,
@@ -19,7 +19,7 @@ import ray
 
 from galray.config import check, dumps
 from galray.data.shards import CONFIG_NAME, ImageSpec, list_parquet, make_table, shard_name, write_table
-from galray.data.simulate import CLASS_NAMES, SimConfig, render_batch
+from galray.data.galsim_survey import CLASS_NAMES, SimConfig, render_batch
 from galray.session import ensure_ray
 from galray.storage import StorageConfig, arrow_filesystem, check_access, join, write_text
 

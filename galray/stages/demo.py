@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from galray.config import check, from_dict
-from galray.data.simulate import SimConfig
+from galray.data.galsim_survey import SimConfig
 from galray.data.store import store_summary
-from galray.simulate import SimulateJob, format_summary, simulate_survey
+from galray.stages.simulate import SimulateJob, format_summary, simulate_survey
 from galray.storage import StorageConfig, is_s3, join
 from galray.tracking import TrackingConfig
 
@@ -114,7 +114,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
             "train": {"lr": 2e-3}})
         paths["vqvae"] = vq.checkpoint
     if stage("embed", "embedding every cutout with the VQ-VAE encoder (Ray Data actor pool)"):
-        from galray.embed import EmbedJob, embed_store
+        from galray.stages.embed import EmbedJob, embed_store
 
         print(embed_store(EmbedJob(input=paths["store"], output=paths["embeddings"], model=f"vqvae:{paths['vqvae']}",
                                    batch_size=64, tracking=_tracking(cfg))).format())
@@ -123,7 +123,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
             "preset": "galray", "model": {"group_sizes": [8, 24], "k": 4, "dead_after_samples": 2048}, "train": {"lr": 2e-3}})
         paths["sae"] = sae.checkpoint
     if stage("prior", "encoding code grids and training the class-conditional prior"):
-        from galray.encode import EncodeJob, encode_store
+        from galray.stages.encode import EncodeJob, encode_store
 
         print(encode_store(EncodeJob(input=paths["store"], vqvae=paths["vqvae"], output=paths["codes"])).format())
         prior = _train("prior", paths["codes"], "prior-demo", cfg, {
@@ -132,7 +132,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
             "train": {"lr": 2e-3, "warmup_steps": 5}})
         paths["prior"] = prior.checkpoint
     if stage("generate", "sampling new galaxies from the prior (classifier-free guidance 2)"):
-        from galray.generate import generate_grid
+        from galray.stages.generate import generate_grid
 
         generate_grid(paths["prior"], paths["vqvae"], paths["generated"], n=20, cfg_scale=2.0, top_p=0.95,
                       seed=cfg.seed)
