@@ -27,11 +27,12 @@ from safetensors.torch import save_file
 
 from galray.config import ConfigError
 from galray.data.cutouts import CutoutError, encode_png
+from galray.data.preprocess import ImagePlan, plan_for, prepare_image
 from galray.data.shards import ERRORS_DIR, ImageSpec, list_parquet, make_table, shard_name, write_table
-from galray.stages.embed import (EMBEDDING_COLUMN, EmbedJob, Embedder, ImagePlan, ShardPreprocessor, embed_dataset,
-                          embed_store, plan_for, prepare_image, preprocess_batch, read_embeddings)
+from galray.data.stores import EMBEDDING_COLUMN, read_embeddings
 from galray.models.backbones import (BackboneConfig, BackboneError, UnsafeWeightsError, create_backbone,
                                      embedding_dim, load_weights_file, to_model_input)
+from galray.stages.embed import EmbedJob, Embedder, ShardPreprocessor, embed_dataset, embed_store, preprocess_batch
 from galray.storage import arrow_filesystem
 from galray.tracking import TrackingConfig
 

@@ -89,7 +89,7 @@ def _cutout_store(uri: str, n_shards: int, rows: int, size: int = 32, flux: bool
 
 
 def _embedding_store(uri: str, d: int = 16) -> None:
-    from galray.stages.embed import embedding_table
+    from galray.data.stores import embedding_table
     from galray.models.sae import planted_dictionary
 
     x, _ = planted_dictionary(ROWS * SHARDS, d, n_features=24, k_active=2, noise=0.01, seed=0)

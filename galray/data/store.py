@@ -18,6 +18,7 @@ import ray
 
 from galray.data.shards import ERRORS_DIR, ID_COLUMN, ImageSpec, list_parquet, read_metadata, spec_from_schema
 from galray.data.resume import input_shards
+from galray.data.stores import footer_rows
 from galray.session import ensure_ray
 from galray.storage import StorageConfig, check_access, join
 
@@ -123,10 +124,8 @@ def store_summary(uri: str, storage: StorageConfig | None = None) -> StoreSummar
         spec = spec_from_schema(schema)
     except (ValueError, KeyError):
         spec = None
-    errors = 0
     _, root = check_access(uri, storage)
-    for f in list_parquet(fs, f"{root}/{ERRORS_DIR}"):
-        errors += pq.ParquetFile(f.path, filesystem=fs).metadata.num_rows
+    errors = sum(footer_rows(fs, [f.path for f in list_parquet(fs, f"{root}/{ERRORS_DIR}")]))
     columns = {f.name: _type_label(f.type) for f in schema}
     meta = {k: v for k, v in read_metadata(schema).items() if k not in ("image", "store_version")}
     return StoreSummary(uri=uri, shards=len(paths), rows=rows, bytes=nbytes, image=spec, columns=columns,

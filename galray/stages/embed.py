@@ -45,7 +45,6 @@ CPU workers, :class:`Embedder` in the actors, and neither needs the other's impo
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections import defaultdict
@@ -60,13 +59,14 @@ import pyarrow.parquet as pq
 
 from galray import __version__
 from galray.config import ConfigError, check, dumps
-from galray.data.cutouts import (CropResizeConfig, CutoutError, StretchConfig, asinh_stretch, check_shape,
-                                 crop_resize, decode_image, flux_to_rgb)
-from galray.data.shards import (CONFIG_NAME, ERRORS_DIR, ID_COLUMN, IMAGE_COLUMN, META_KEY, ImageSpec,
-                                errors_table, images_from_table, list_parquet, read_metadata, write_table)
+from galray.data.cutouts import CutoutError, StretchConfig
+from galray.data.preprocess import ImagePlan, PreprocessConfig, plan_for, plan_images, prepare_image
 from galray.data.resume import plan_shard_work
+from galray.data.shards import CONFIG_NAME, ID_COLUMN
+from galray.data.stores import (EMBED_STORE_VERSION, EMBEDDING_COLUMN, embedding_table, footer_rows, shard_stem,
+                                write_shard)
 from galray.stages.summary import StageSummary, SteadyRate
-from galray.storage import StorageConfig, StorageError, arrow_filesystem, join, write_text
+from galray.storage import StorageConfig, join, write_text
 from galray.tracking import StageRun, TrackingConfig
 
 if TYPE_CHECKING:
@@ -76,8 +76,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EMBEDDING_COLUMN = "embedding"
-EMBED_STORE_VERSION = 1
 STAGE = "embed"
 PATH_COLUMN = "path"  # the source shard of each row, carried to the driver, which regroups rows by it
 PIXELS_COLUMN = "pixels"
@@ -160,100 +158,6 @@ class EmbedJob:
 
 # --- preprocessing (CPU actors) -------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class ImagePlan:
-    """How to turn one stored image into the backbone's pixels; derived from the store and the backbone."""
-
-    column: str
-    """Image column of the store."""
-    encoding: Literal["tensor", "encoded"]
-    """Fixed-shape tensor, or PNG/JPEG bytes."""
-    layout: Literal["HWC", "CHW"]
-    """Axis order of tensor images (encoded images decode to HWC)."""
-    size: int
-    """Output side in pixels (the backbone's input size)."""
-    in_chans: int
-    """Channels the backbone takes."""
-    float_input: bool
-    """Tensor images are float flux (stretched here) rather than uint8 display values."""
-    crop_fraction: float = 1.0
-    """Central fraction kept before resizing."""
-    stretch: StretchConfig = field(default_factory=StretchConfig)
-    """Flux stretch for float images."""
-
-    @property
-    def pixel_dtype(self) -> np.dtype:
-        """uint8 whenever the image becomes a colour rendering; float32 [0, 1] for n-band flux backbones."""
-        return np.dtype(np.float32) if self.float_input and self.in_chans != 3 else np.dtype(np.uint8)
-
-    def batch_bytes(self, rows: int) -> int:
-        """Bytes of ``rows`` images' output pixels (what a batch weighs in Ray's object store)."""
-        return rows * self.in_chans * self.size * self.size * self.pixel_dtype.itemsize
-
-    def to_json(self) -> dict[str, Any]:
-        steps = ["decode"] if self.encoding == "encoded" else []
-        if self.float_input:
-            steps.append(f"asinh stretch (percentiles {self.stretch.lower_percentile}-{self.stretch.upper_percentile}, "
-                         f"Q={self.stretch.nonlinearity})" + (", bands -> RGB" if self.in_chans == 3 else ""))
-        steps += ["square centre crop", f"centre crop {self.crop_fraction}", f"resize {self.size} (PIL bilinear, antialiased)"]
-        return {"steps": steps, "size": self.size, "crop_fraction": self.crop_fraction, "in_chans": self.in_chans,
-                "source_layout": self.layout, "source_encoding": self.encoding, "float_input": self.float_input}
-
-
-def plan_for(schema: pa.Schema, size: int, in_chans: int, crop_fraction: float = 1.0,
-             stretch: StretchConfig = StretchConfig()) -> ImagePlan:
-    """The :class:`ImagePlan` for a store with this shard schema and a backbone with this input."""
-    meta = read_metadata(schema).get("image", {})
-    column = meta.get("column", IMAGE_COLUMN)
-    if column not in schema.names:
-        raise ValueError(f"the store has no image column {column!r} (columns: {', '.join(schema.names)})")
-    typ = schema.field(column).type
-    if pa.types.is_binary(typ) or pa.types.is_large_binary(typ) or meta.get("encoding", "tensor") != "tensor":
-        return ImagePlan(column, "encoded", "HWC", size, in_chans, False, crop_fraction, stretch)
-    spec = ImageSpec.from_json(meta) if meta else None
-    if spec is None:
-        from galray.data.shards import spec_from_schema
-
-        spec = spec_from_schema(schema)
-    if spec.dtype == "uint8" and in_chans not in (spec.channels, 3) and spec.channels != 1:
-        raise ValueError(f"the store's images have {spec.channels} channels but the backbone takes {in_chans}")
-    return ImagePlan(column, "tensor", spec.layout, size, in_chans, spec.dtype != "uint8", crop_fraction, stretch)
-
-
-def _match_channels(image_HWC: np.ndarray, in_chans: int) -> np.ndarray:
-    c = image_HWC.shape[2]
-    if c == in_chans:
-        return image_HWC
-    if c == 1:
-        return np.repeat(image_HWC, in_chans, axis=2)
-    if c == 4 and in_chans == 3:  # RGBA: drop alpha
-        return image_HWC[..., :3]
-    raise CutoutError(f"image has {c} channels, the backbone takes {in_chans}")
-
-
-def prepare_image(image: Any, plan: ImagePlan) -> np.ndarray:
-    """One stored image -> (C, S, S) pixels: uint8 0..255 or float32 in [0, 1]. Raises CutoutError."""
-    crop = CropResizeConfig(size=plan.size, crop_fraction=plan.crop_fraction)
-    if plan.encoding == "encoded":
-        img = decode_image(image)  # (H, W, 3) uint8
-    else:
-        img = np.asarray(image)
-    if not plan.float_input:
-        if plan.layout == "CHW" and plan.encoding == "tensor":
-            img = np.moveaxis(img, 0, -1)
-        check_shape(img, layout="HWC")
-        img = crop_resize(_match_channels(img, plan.in_chans), crop, "HWC")
-        return np.ascontiguousarray(img.transpose(2, 0, 1))
-    flux = img if plan.layout == "CHW" else np.moveaxis(img, -1, 0)
-    check_shape(flux, layout="CHW")
-    if plan.in_chans == 3:  # colour backbone: the survey's usual colour rendering of the bands
-        rgb = crop_resize(flux_to_rgb(flux, plan.stretch), crop, "HWC")
-        return np.ascontiguousarray(rgb.transpose(2, 0, 1))
-    if flux.shape[0] != plan.in_chans:
-        raise CutoutError(f"image has {flux.shape[0]} bands, the backbone takes {plan.in_chans}")
-    return crop_resize(asinh_stretch(flux, plan.stretch), crop, "CHW").astype(np.float32)
-
-
 def preprocess_batch(batch: dict[str, np.ndarray], plan: ImagePlan) -> dict[str, np.ndarray]:
     """Ray Data batch (object_id, image, path) -> (object_id, path, pixels (N, C, S, S), error).
 
@@ -323,9 +227,7 @@ class ShardPreprocessor:
                 batches = pf.iter_batches(batch_size=self.batch_size, columns=[ID_COLUMN, plan.column])
                 for table in exact_batches(batches, self.batch_size):
                     table = table.replace_schema_metadata(metadata)
-                    col = table.column(plan.column)
-                    images = (images_from_table(table) if plan.encoding == "tensor"
-                              else col.to_numpy(zero_copy_only=False))
+                    images = plan_images(table, plan)
                     ids = table.column(ID_COLUMN).to_numpy(zero_copy_only=False)
                     yield preprocess_batch({ID_COLUMN: ids, plan.column: images,
                                             PATH_COLUMN: np.full(len(ids), path, dtype=object)}, plan)
@@ -372,37 +274,16 @@ class Embedder:
 
 # --- output ---------------------------------------------------------------------------------------
 
-def shard_stem(path: str) -> str:
-    name = path.rsplit("/", 1)[-1]
-    return name[: -len(".parquet")] if name.endswith(".parquet") else name
-
-
-def embedding_table(ids: np.ndarray, emb_ND: np.ndarray, metadata: dict[str, Any]) -> pa.Table:
-    """The embedding store's table: object_id (sorted) and embedding fixed_size_list<float32>[D]."""
-    order = np.argsort(np.asarray(ids, dtype=str), kind="stable")
-    dim = int(metadata["embedding_dim"])
-    flat = pa.array(np.ascontiguousarray(emb_ND[order], dtype=np.float32).reshape(-1), pa.float32())
-    table = pa.table({ID_COLUMN: pa.array([str(i) for i in np.asarray(ids)[order]], pa.string()),
-                      EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(flat, dim)})
-    return table.replace_schema_metadata({META_KEY: json.dumps(metadata, sort_keys=True).encode()})
-
-
 def write_shard_output(rows: dict[str, np.ndarray], stem: str, source: str, fs: pafs.FileSystem, root: str,
                        provenance: dict[str, Any]) -> tuple[int, int]:
-    """Write one shard's embeddings (and errors, if any); returns (rows written, rows errored).
-
-    The errors file is written (or a stale one removed) first and the embedding file last, so an
-    existing embedding file always means the shard is completely done.
-    """
+    """Write one shard's embeddings (and errors, if any; :func:`galray.data.stores.write_shard`);
+    returns (rows written, rows errored)."""
     ok = rows[ERROR_COLUMN] == ""
-    err_path = f"{root}/{ERRORS_DIR}/{stem}.parquet"
-    if (~ok).any():
-        write_table(errors_table([{"object_id": i, "stage": STAGE, "reason": r, "source_file": source}
-                                  for i, r in zip(rows[ID_COLUMN][~ok], rows[ERROR_COLUMN][~ok])]), fs, err_path)
-    elif fs.get_file_info(err_path).type != pafs.FileType.NotFound:
-        fs.delete_file(err_path)  # from an earlier run; this run embedded every row
+    errors = [{"object_id": i, "stage": STAGE, "reason": r, "source_file": source}
+              for i, r in zip(rows[ID_COLUMN][~ok], rows[ERROR_COLUMN][~ok])]
     meta = {**provenance, "source_file": source, "rows": int(ok.sum())}
-    write_table(embedding_table(rows[ID_COLUMN][ok], rows[EMBEDDING_COLUMN][ok], meta), fs, f"{root}/{stem}.parquet")
+    write_shard(embedding_table(rows[ID_COLUMN][ok], rows[EMBEDDING_COLUMN][ok], meta), errors, fs, root,
+                f"{stem}.parquet")
     return int(ok.sum()), int((~ok).sum())
 
 
@@ -476,12 +357,6 @@ class ShardCollector:
 
 # --- the job --------------------------------------------------------------------------------------
 
-def _footer_rows(fs: pafs.FileSystem, paths: list[str]) -> list[int]:
-    """Row counts from the Parquet footers (one small ranged read per shard, in parallel)."""
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        return list(pool.map(lambda p: pq.ParquetFile(p, filesystem=fs).metadata.num_rows, paths))
-
-
 def _pool_size(job: EmbedJob) -> int:
     """Fixed actor-pool size, after checking the cluster can host it (fail now, not after Ray's timeout)."""
     import ray
@@ -543,7 +418,7 @@ def embed_store(job: EmbedJob, embedder_cls: type[Embedder] = Embedder,
     job = dataclasses.replace(job, storage=job.storage.resolved())  # workers don't see the driver's env
     work = plan_shard_work(job.input, job.output, job.storage, job.overwrite)
     fs_in, fs_out, out_root, shards, todo = work.fs_in, work.fs_out, work.out_root, work.shards, work.todo
-    rows = dict(zip((shard_stem(s.path) for s in todo), _footer_rows(fs_in, [s.path for s in todo])))
+    rows = dict(zip((shard_stem(s.path) for s in todo), footer_rows(fs_in, [s.path for s in todo])))
     sources = {shard_stem(s.path): join(job.input, s.base_name) for s in todo}
     actors = 0
     if any(rows.values()):
@@ -556,7 +431,7 @@ def embed_store(job: EmbedJob, embedder_cls: type[Embedder] = Embedder,
     dim = embedding_dim(backbone)
     prep = backbone.preprocessing
     plan = plan_for(pq.read_schema(shards[0].path, filesystem=fs_in), prep.input_size, prep.in_chans,
-                    job.crop_fraction, job.stretch)
+                    PreprocessConfig(job.crop_fraction, job.stretch))
     meta = provenance(job, backbone, dim, plan)
     del backbone
 
@@ -650,21 +525,3 @@ def embed_dataset(input: str, output: str, model: str, *, weights: str | None = 
     job = EmbedJob(input=input, output=output, model=model, weights=weights, batch_size=batch_size, actors=actors,
                    num_gpus=float(num_gpus), storage=storage or StorageConfig(), **options)
     return embed_store(job)
-
-
-def read_embeddings(uri: str, storage: StorageConfig | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """``(object_ids, embeddings (N, D) float32, provenance of the first file)`` of a whole embedding store.
-
-    For analysis and tests on stores that fit in memory; Ray-scale readers use ``ray.data.read_parquet``.
-    """
-    fs, root = arrow_filesystem(uri, storage)
-    files = list_parquet(fs, root)
-    if not files:
-        raise StorageError(f"{uri} holds no embedding files")
-    tables = [pq.read_table(f.path, filesystem=fs) for f in files]
-    meta = read_metadata(tables[0].schema)
-    table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
-    col = table.column(EMBEDDING_COLUMN).combine_chunks()
-    dim = col.type.list_size
-    emb = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
-    return np.asarray(table.column(ID_COLUMN).to_pylist(), dtype=object), emb, meta

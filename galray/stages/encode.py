@@ -1,29 +1,22 @@
 """`galray encode`: turn a cutout store into VQ-VAE code sequences (the prior's training data).
 
 A fixed pool of Ray actors, each holding the VQ-VAE once, takes whole input shards: it reads a
-shard, preprocesses every image exactly as `galray embed` does (``galray.stages.embed.prepare_image``
+shard, preprocesses every image exactly as `galray embed` does (:mod:`galray.data.preprocess`
 at the VQ-VAE's image size; the same preprocessing the VQ-VAE was trained with in
 ``galray.train``), encodes in batches and writes one output file for that shard. The unit of
 work is one shard, written whole (errors first, codes last), so a rerun after a crash redoes only
 the shards without an output file and nothing is ever duplicated.
 
-(``galray.stages.embed``'s streaming pipeline is built around a backbone's pooled embedding and its
+(`galray embed`'s streaming pipeline is built around a backbone's pooled embedding and its
 ``ShardCollector`` writes ``embedding`` columns, so it is not reused here; this per-shard actor
-pool is the compact equivalent, sharing embed's preprocessing and shard naming.)
+pool is the compact equivalent, sharing embed's preprocessing and the shard writer.)
 
-**Code store contract.** A folder (local or ``s3://``) of Parquet files named like the input
-shards (``shard-00042.parquet``), with columns
-
-- ``object_id``: string, in the input's order;
-- ``codes``: ``fixed_size_list<int16>[h*w]`` (int32 when the codebook has more than 32768 codes),
-  the code grid in raster order;
-- ``label``: int64, the input's ``label_column`` where it has one, else -1 ("no label");
-
-and, in the Parquet schema metadata under ``galray`` (JSON): ``grid`` [h, w], ``codebook_size``,
-``image_size``, the checkpoint URI and ``weights`` (sha256 of model.safetensors), preprocessing,
-galray version and source shard. Rows that cannot be encoded go to ``_errors/<shard>.parquet``
-(``object_id, stage, reason, source_file``); valid plus errored rows equal the input rows. Shards
-whose output exists are skipped, so a rerun resumes (``overwrite`` recomputes them).
+**Code store contract** (:mod:`galray.data.stores`): one Parquet file per input shard with
+``object_id``, ``codes`` (the h*w code grid in raster order) and ``label`` (the input's
+``label_column`` where it has one, else -1); grid, codebook size, checkpoint and weights hash in
+the metadata. Rows that cannot be encoded go to ``_errors/<shard>.parquet``; valid plus errored
+rows equal the input rows. Shards whose output exists are skipped, so a rerun resumes
+(``overwrite`` recomputes them).
 """
 
 from __future__ import annotations
@@ -36,23 +29,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from galray import __version__
 from galray.config import ConfigError, check, dumps, from_dict
 from galray.data.cutouts import CutoutError, StretchConfig
-from galray.data.shards import (CONFIG_NAME, ERRORS_DIR, ID_COLUMN, META_KEY, errors_table,
-                                write_table)
+from galray.data.preprocess import ImagePlan, PreprocessConfig, plan_for, plan_images, prepare_image
 from galray.data.resume import plan_shard_work
+from galray.data.shards import CONFIG_NAME, ID_COLUMN
+from galray.data.stores import CODES_STORE_VERSION, codes_table, footer_rows, shard_stem, write_shard
 from galray.stages.summary import StageSummary
 from galray.storage import StorageConfig, StorageError, arrow_filesystem, join, write_text
 
 STAGE = "encode"
-CODES_COLUMN = "codes"
-LABEL_COLUMN = "label"
-CODES_STORE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -126,24 +115,10 @@ def vqvae_from_bytes(config_json: bytes, weights: bytes) -> Any:
     return model.eval()
 
 
-def codes_dtype(codebook_size: int) -> pa.DataType:
-    return pa.int16() if codebook_size <= 2**15 else pa.int32()
-
-
-def codes_table(ids: list[str], codes_NT: np.ndarray, labels_N: np.ndarray, codebook_size: int,
-                metadata: dict[str, Any]) -> pa.Table:
-    typ = codes_dtype(codebook_size)
-    flat = pa.array(np.ascontiguousarray(codes_NT).reshape(-1).astype(typ.to_pandas_dtype()), typ)
-    table = pa.table({ID_COLUMN: pa.array(ids, pa.string()),
-                      CODES_COLUMN: pa.FixedSizeListArray.from_arrays(flat, codes_NT.shape[1]),
-                      LABEL_COLUMN: pa.array(np.asarray(labels_N, np.int64), pa.int64())})
-    return table.replace_schema_metadata({META_KEY: json.dumps(metadata, sort_keys=True).encode()})
-
-
 class ShardEncoder:
     """Actor: holds the VQ-VAE; ``encode_shard(path)`` writes one shard's codes (and errors)."""
 
-    def __init__(self, config_json: bytes, weights: bytes, plan: Any, job: EncodeJob, provenance: dict[str, Any]):
+    def __init__(self, config_json: bytes, weights: bytes, plan: ImagePlan, job: EncodeJob, provenance: dict[str, Any]):
         import torch
 
         self.device = torch.device("cuda" if job.num_gpus > 0 and torch.cuda.is_available() else "cpu")
@@ -163,8 +138,6 @@ class ShardEncoder:
         return idx.reshape(idx.shape[0], -1).cpu().numpy()
 
     def encode_shard(self, path: str) -> tuple[int, int]:
-        from galray.stages.embed import prepare_image, shard_stem
-
         job, plan = self.job, self.plan
         stem = shard_stem(path)
         source = join(job.input, path.rsplit("/", 1)[-1])
@@ -174,7 +147,7 @@ class ShardEncoder:
         table = pq.read_table(path, filesystem=self.fs_in, columns=cols)
         ids = [str(i) for i in table.column(ID_COLUMN).to_pylist()]
         n = len(ids)
-        images = _image_column(table, plan)
+        images = plan_images(table, plan)
         labels = np.full(n, -1, np.int64)
         errors: dict[int, str] = {}
         if has_label:
@@ -199,27 +172,12 @@ class ShardEncoder:
             if rows:
                 codes[rows] = self.encode_pixels(np.stack(pixels))
         ok = np.array([i not in errors for i in range(n)], dtype=bool)
-        err_path = f"{self.out_root}/{ERRORS_DIR}/{stem}.parquet"
-        # Errors first, codes last: an existing code file always means the shard is done.
-        if errors:
-            write_table(errors_table([{"object_id": ids[i], "stage": STAGE, "reason": r, "source_file": source}
-                                      for i, r in sorted(errors.items())]), self.fs_out, err_path)
-        elif self.fs_out.get_file_info(err_path).type != pafs.FileType.NotFound:
-            self.fs_out.delete_file(err_path)
         meta = {**self.provenance, "source_file": source, "rows": int(ok.sum())}
         keep = np.flatnonzero(ok)
-        write_table(codes_table([ids[i] for i in keep], codes[keep], labels[keep], self.model.cfg.codebook_size, meta),
-                    self.fs_out, f"{self.out_root}/{stem}.parquet")
+        write_shard(codes_table([ids[i] for i in keep], codes[keep], labels[keep], self.model.cfg.codebook_size, meta),
+                    [{"object_id": ids[i], "stage": STAGE, "reason": r, "source_file": source}
+                     for i, r in sorted(errors.items())], self.fs_out, self.out_root, f"{stem}.parquet")
         return int(ok.sum()), len(errors)
-
-
-def _image_column(table: pa.Table, plan: Any) -> Any:
-    """Per-row images: an (N, ...) ndarray for tensor columns, a list of bytes for encoded ones."""
-    if plan.encoding == "encoded":
-        return table.column(plan.column).to_pylist()
-    from galray.data.shards import images_from_table, spec_from_schema
-
-    return images_from_table(table, spec_from_schema(table.schema))
 
 
 def _pool_size(job: EncodeJob) -> int:
@@ -240,7 +198,6 @@ def encode_store(job: EncodeJob) -> StageSummary:
     import ray
     from ray.util import ActorPool
 
-    from galray.stages.embed import plan_for
     from galray.session import ensure_ray
 
     t0 = time.perf_counter()
@@ -250,14 +207,14 @@ def encode_store(job: EncodeJob) -> StageSummary:
     config_json, weights = read_checkpoint(job.vqvae, job.storage)
     cfg = vqvae_from_bytes(config_json, weights).cfg  # a bad checkpoint fails here, before any actor starts
     plan = plan_for(pq.read_schema(shards[0].path, filesystem=fs_in), cfg.image_size, cfg.in_channels,
-                    job.crop_fraction, job.stretch)
+                    PreprocessConfig(job.crop_fraction, job.stretch))
     provenance = {"codes_store_version": CODES_STORE_VERSION, "producer": "galray encode",
                   "galray_version": __version__, "vqvae": job.vqvae,
                   "weights": "sha256:" + hashlib.sha256(weights).hexdigest(), "grid": [cfg.latent_size] * 2,
                   "codebook_size": cfg.codebook_size, "image_size": cfg.image_size,
                   "label_column": job.label_column, "preprocessing": plan.to_json(), "input": job.input}
 
-    rows_in = sum(pq.ParquetFile(s.path, filesystem=fs_in).metadata.num_rows for s in todo)
+    rows_in = sum(footer_rows(fs_in, [s.path for s in todo]))
     write_text(join(job.output, CONFIG_NAME), dumps(job), job.storage)
     written = errored = 0
     if todo:

@@ -35,8 +35,8 @@ from galray.config import ConfigError, check, dumps, to_dict
 from galray.data.formats import (DEFAULT_CATALOG_ID_COLUMN, DEFAULT_GZ_ID_COLUMN, FORMATS, GALAXY10_CLASSES,
                                  CutoutPolicy, FitsConfig, Format, Plan, ReadContext, Unit, convert_unit,
                                  image_spec, plan_units, probe)
-from galray.data.shards import (CONFIG_NAME, ERRORS_DIR, ID_COLUMN, IMAGE_COLUMN, errors_table, list_parquet,
-                                shard_name, write_table)
+from galray.data.shards import CONFIG_NAME, ERRORS_DIR, ID_COLUMN, IMAGE_COLUMN, list_parquet, shard_name
+from galray.data.stores import footer_rows, write_shard
 from galray.session import ensure_ray
 from galray.stages.summary import StageSummary
 from galray.storage import StorageConfig, arrow_filesystem, check_access, exists, join, read_text, write_text
@@ -139,20 +139,11 @@ def _clear(fs: pafs.FileSystem, root: str) -> None:
             fs.delete_file(f.path)
 
 
-def _footer_rows(fs: pafs.FileSystem, path: str) -> int:
-    return pq.ParquetFile(path, filesystem=fs).metadata.num_rows
-
-
 def run_unit(unit: Unit, job: IngestJob, ctx: ReadContext) -> dict[str, Any]:
     """Convert one unit and write its shard (errors first, so a crash in between redoes the unit)."""
     table, errors = convert_unit(unit, ctx)
     fs, root = arrow_filesystem(job.out, job.storage)
-    err_path = f"{root}/{ERRORS_DIR}/{shard_name(unit.index)}"
-    if errors:
-        write_table(errors_table(errors), fs, err_path)
-    elif fs.get_file_info(err_path).type == pafs.FileType.File:  # left by an interrupted earlier attempt
-        fs.delete_file(err_path)
-    write_table(table, fs, f"{root}/{shard_name(unit.index)}")
+    write_shard(table, errors, fs, root, shard_name(unit.index))
     return {"unit": unit.index, "rows_in": unit.rows, "rows_out": table.num_rows, "rows_errored": len(errors)}
 
 
@@ -213,12 +204,12 @@ def ingest(job: IngestJob) -> StageSummary:
         items = [{"unit": u.to_json()} for u in todo]
         stats = ray.data.from_items(items, override_num_blocks=len(items)).map(task).take_all()
     # Finished units of an earlier run count from their Parquet footers.
-    for u in plan.units:
-        if shard_name(u.index) in done:
-            err = f"{root}/{ERRORS_DIR}/{shard_name(u.index)}"
-            errored = _footer_rows(fs, err) if fs.get_file_info(err).type == pafs.FileType.File else 0
-            stats.append({"unit": u.index, "rows_in": u.rows, "rows_errored": errored,
-                          "rows_out": _footer_rows(fs, f"{root}/{shard_name(u.index)}")})
+    finished = [u for u in plan.units if shard_name(u.index) in done]
+    names = [shard_name(u.index) for u in finished]
+    rows_out = footer_rows(fs, [f"{root}/{n}" for n in names])
+    rows_errored = footer_rows(fs, [f"{root}/{ERRORS_DIR}/{n}" for n in names], missing_ok=True)
+    stats += [{"unit": u.index, "rows_in": u.rows, "rows_errored": e, "rows_out": o}
+              for u, o, e in zip(finished, rows_out, rows_errored)]
     summary = StageSummary(stage="ingest", rows_in=plan.rows, rows_out=sum(s["rows_out"] for s in stats),
                            rows_errored=sum(s["rows_errored"] for s in stats), seconds=time.perf_counter() - t0,
                            output=job.out, skipped_shards=len(plan.units) - len(todo))

@@ -39,7 +39,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from galray.config import ConfigError, dumps, flatten, to_dict
+from galray.data.cutouts import CutoutError
+from galray.data.preprocess import ImagePlan, plan_for, prepare_image
 from galray.data.shards import ID_COLUMN, read_metadata
+from galray.data.stores import CODES_COLUMN, EMBEDDING_COLUMN, LABEL_COLUMN, list_column_values
 from galray.storage import StorageConfig, check_access, join
 from galray.tracking import Tracker, TrackingConfig
 from galray.train.config import TrainJob
@@ -49,9 +52,6 @@ TEST_ENV_PREFIX = "GALRAY_TEST_"
 LOSS_KEYS = {"sae": ("loss", "fvu", "aux_loss", "l0"), "vqvae": ("loss", "recon_loss", "vq_loss", "perplexity",
                                                                   "utilisation"),
              "prior": ("loss", "acc")}
-EMBEDDING_COLUMN = "embedding"
-CODES_COLUMN = "codes"
-LABEL_COLUMN = "label"
 
 
 # --- the validation split --------------------------------------------------------------------------
@@ -71,25 +71,16 @@ def _keep(ids: Sequence[Any], split: str, fraction: float) -> np.ndarray:
 
 # --- Ray Data batch functions (run in Ray Data tasks) ----------------------------------------------
 
-def _flat_list(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed_size_list column -> (N, size) ndarray."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if isinstance(arr, pa.ExtensionArray):
-        arr = arr.storage
-    size = arr.type.list_size
-    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), size)
-
-
 def sae_batch(table: pa.Table, split: str, val_fraction: float) -> dict[str, np.ndarray]:
     """Embedding store rows of one split -> {"x": (N, D) float32}."""
     keep = _keep(table.column(ID_COLUMN).to_pylist(), split, val_fraction)
-    return {"x": np.ascontiguousarray(_flat_list(table.column(EMBEDDING_COLUMN))[keep], dtype=np.float32)}
+    return {"x": np.ascontiguousarray(list_column_values(table.column(EMBEDDING_COLUMN))[keep], dtype=np.float32)}
 
 
 def prior_batch(table: pa.Table, split: str, val_fraction: float, num_classes: int) -> dict[str, np.ndarray]:
     """Code store rows -> {"codes": (N, T) int64, "label": (N,) int64}; labels < 0 become the null class."""
     keep = _keep(table.column(ID_COLUMN).to_pylist(), split, val_fraction)
-    codes = _flat_list(table.column(CODES_COLUMN))[keep].astype(np.int64)
+    codes = list_column_values(table.column(CODES_COLUMN))[keep].astype(np.int64)
     if LABEL_COLUMN in table.column_names:
         labels = np.asarray(table.column(LABEL_COLUMN).to_numpy(zero_copy_only=False), dtype=np.int64)[keep]
     else:
@@ -97,11 +88,10 @@ def prior_batch(table: pa.Table, split: str, val_fraction: float, num_classes: i
     return {"codes": codes, "label": np.where(labels < 0, num_classes, labels)}
 
 
-def vqvae_batch(batch: dict[str, np.ndarray], split: str, val_fraction: float, plan: Any) -> dict[str, np.ndarray]:
+def vqvae_batch(batch: dict[str, np.ndarray], split: str, val_fraction: float, plan: ImagePlan
+                ) -> dict[str, np.ndarray]:
     """Cutout rows -> {"pixels": (N, C, S, S)}: `galray embed`'s preprocessing at the VQ-VAE's size.
     Rows whose image cannot be used (CutoutError) are left out."""
-    from galray.data.cutouts import CutoutError
-    from galray.stages.embed import prepare_image
 
     keep = np.flatnonzero(_keep(list(batch[ID_COLUMN]), split, val_fraction))
     images = batch[plan.column]
@@ -154,9 +144,7 @@ def _sae_init(job: TrainJob, storage: StorageConfig) -> dict[str, Any]:
     return {"d_in": d_in, "sae_init": {k: state[k].numpy() for k in names}}
 
 
-def _image_plan(job: TrainJob, storage: StorageConfig) -> Any:
-    from galray.stages.embed import plan_for
-
+def _image_plan(job: TrainJob, storage: StorageConfig) -> ImagePlan:
     fs, paths = _shards(job, storage)
     m = job.vqvae.model
     return plan_for(pq.read_schema(paths[0], filesystem=fs), m.image_size, m.in_channels)
