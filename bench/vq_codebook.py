@@ -28,7 +28,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from galray.models.codebook_metrics import CodebookMetrics
-from galray.models.vqvae import VQVAE, VQVAEConfig, scale_uint8
+from galray.models.vqvae import VQVAE, VQVAEConfig, pixels_to_model
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ def train_and_eval(model: nn.Module, forward, train_x: torch.Tensor, val_x: torc
     t0 = time.perf_counter()
     for _ in range(steps):
         idx = torch.randint(0, train_x.shape[0], (batch,), generator=gen)
-        x = scale_uint8(train_x[idx])
+        x = pixels_to_model(rearrange(torch.as_tensor(train_x[idx]), "b h w c -> b c h w"))
         _, _, loss = forward(model, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -148,7 +148,7 @@ def train_and_eval(model: nn.Module, forward, train_x: torch.Tensor, val_x: torc
     metrics = CodebookMetrics(K)
     with torch.no_grad():
         for s in range(0, val_x.shape[0], 256):
-            x = scale_uint8(val_x[s : s + 256])
+            x = pixels_to_model(rearrange(torch.as_tensor(val_x[s : s + 256]), "b h w c -> b c h w"))
             x_hat, indices, _ = forward(model, x)
             metrics.update(indices, x=x, x_hat=x_hat)
     r = metrics.compute()

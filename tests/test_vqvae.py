@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from galray.config import ConfigError, from_dict
-from galray.models.checkpoint import load_model, save_model
+from galray.models.checkpoint import MODEL_CONFIG_NAME, WEIGHTS_NAME, CheckpointBytes, load_model, save_model
 from galray.models.codebook_metrics import CodebookMetrics, background_mask, perplexity, utilisation
-from galray.models.vqvae import VQVAE, VQVAEConfig, code_heatmap, scale_uint8, to_uint8
+from galray.models.vqvae import VQVAE, VQVAEConfig, code_heatmap, model_to_pixels, pixels_to_model
 from galray.train.vqvae_loop import VQVAETrainConfig, evaluate, fit
 
 TINY = dict(image_size=16, channels=(8, 16), latent_size=4, code_dim=8, codebook_size=16, kmeans_iters=3)
@@ -62,10 +62,12 @@ def test_code_heatmap_counts_positions():
 
 
 def test_scaling_round_trip():
-    u8 = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
-    x = scale_uint8(u8)
-    assert x.shape == (2, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
-    assert (to_uint8(x) == u8.numpy()).all()
+    u8 = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    x = pixels_to_model(u8)
+    assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(model_to_pixels(x), u8)
+    torch.testing.assert_close(pixels_to_model(u8.float() / 255.0), x)  # [0, 1] floats land on the same scale
+    assert torch.equal(pixels_to_model(torch.tensor([0, 255], dtype=torch.uint8)), torch.tensor([-1.0, 1.0]))
 
 
 def test_config_validation_names_fields():
@@ -101,6 +103,12 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert torch.equal(m.encode_indices(x), loaded.encode_indices(x))
     assert torch.equal(m(x).x_hat, loaded(x).x_hat)
     assert bool(loaded.quantizer.initted)  # a loaded model does not re-run k-means on its first batch
+    raw = CheckpointBytes((tmp_path / "ckpt" / MODEL_CONFIG_NAME).read_bytes(), (tmp_path / "ckpt" / WEIGHTS_NAME).read_bytes())
+    from_bytes = load_model(VQVAE, raw)
+    assert all(torch.equal(v, from_bytes.state_dict()[k]) for k, v in m.state_dict().items())
+    with pytest.raises(ValueError, match="holds a VQVAE, not a Prior"):
+        from galray.models.prior import Prior
+        load_model(Prior, raw)
 
 
 def test_tiny_vqvae_overfits_a_batch():

@@ -7,6 +7,8 @@ nearest-neighbour upsampling and a Tanh output. Everything is configurable.
 
 Decoding helpers for the prior and for analysis: ``decode_indices`` (images from code grids),
 ``codebook_image`` (the grid filled with one code) and ``code_heatmap`` (where a code occurs).
+The one pixel-scale pair: :func:`pixels_to_model` (preprocessed uint8 or [0, 1] pixels -> [-1, 1])
+and :func:`model_to_pixels` ([-1, 1] -> uint8), used by training, `galray encode` and `generate`.
 
 Pure torch (see ARCHITECTURE.md).
 """
@@ -210,13 +212,13 @@ def code_heatmap(indices_Bhw: torch.Tensor | np.ndarray, code: int) -> torch.Ten
     return (idx == int(code)).sum(0)
 
 
-def scale_uint8(images_BHWC: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """uint8 images (B, H, W, C) -> float (B, C, H, W) in [-1, 1], the model's input scale."""
-    x = torch.as_tensor(images_BHWC)
-    return rearrange(x.float(), "b h w c -> b c h w") / 127.5 - 1.0
+def pixels_to_model(pixels_BCHW: torch.Tensor) -> torch.Tensor:
+    """Preprocessed pixels (B, C, H, W), uint8 0..255 or float in [0, 1] -> float in [-1, 1], the model's scale."""
+    if pixels_BCHW.dtype == torch.uint8:
+        return pixels_BCHW.float() / 127.5 - 1.0
+    return pixels_BCHW.float() * 2.0 - 1.0
 
 
-def to_uint8(x_BCHW: torch.Tensor) -> np.ndarray:
-    """Model-scale images (B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C), for figures."""
-    x = ((x_BCHW.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return rearrange(x, "b c h w -> b h w c").cpu().numpy()
+def model_to_pixels(x_BCHW: torch.Tensor) -> torch.Tensor:
+    """Model-scale images (B, C, H, W) in [-1, 1] -> uint8 (B, C, H, W) 0..255, for PNGs and figures."""
+    return ((x_BCHW.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)

@@ -58,13 +58,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from galray import __version__
-from galray.config import ConfigError, check, dumps
+from galray.config import check, dumps
 from galray.data.cutouts import CutoutError, StretchConfig
 from galray.data.preprocess import ImagePlan, PreprocessConfig, plan_for, plan_images, prepare_image
 from galray.data.resume import plan_shard_work
 from galray.data.shards import CONFIG_NAME, ID_COLUMN
 from galray.data.stores import (EMBED_STORE_VERSION, EMBEDDING_COLUMN, embedding_table, footer_rows, shard_stem,
                                 write_shard)
+from galray.stages.pool import ActorPoolConfig, pool_size
 from galray.stages.summary import StageSummary, SteadyRate
 from galray.storage import StorageConfig, join, write_text
 from galray.tracking import StageRun, TrackingConfig
@@ -357,30 +358,6 @@ class ShardCollector:
 
 # --- the job --------------------------------------------------------------------------------------
 
-def _pool_size(job: EmbedJob) -> int:
-    """Fixed actor-pool size, after checking the cluster can host it (fail now, not after Ray's timeout)."""
-    import ray
-
-    from galray.session import cluster_gpus
-
-    gpus, cpus = cluster_gpus(), float(ray.cluster_resources().get("CPU", 0.0))
-    if job.num_gpus > 0:
-        if gpus == 0:
-            raise ConfigError("num_gpus", f"asks for {job.num_gpus:g} GPU(s) per actor, but the Ray cluster has no "
-                              f"GPUs; use --num-gpus 0 to run on CPU (Ray would otherwise wait for GPUs that never come)")
-        n = job.actors or int(gpus // job.num_gpus)
-        if n < 1 or n * job.num_gpus > gpus:
-            raise ConfigError("actors", f"{max(n, 1)} actor(s) x {job.num_gpus:g} GPU(s) need "
-                              f"{max(n, 1) * job.num_gpus:g} GPUs, but the Ray cluster has {gpus:g}")
-    else:
-        n = job.actors or max(1, int(cpus // (2 * job.cpus_per_actor)))
-    if n * job.cpus_per_actor + job.preprocess_cpus > cpus:
-        raise ConfigError("actors", f"{n} actor(s) x {job.cpus_per_actor:g} CPU(s) plus {job.preprocess_cpus:g} CPU "
-                          f"for preprocessing need {n * job.cpus_per_actor + job.preprocess_cpus:g} CPUs, but the Ray "
-                          f"cluster has {cpus:g}; lower --actors or cpus_per_actor")
-    return n
-
-
 def _preprocess_pool_max(job: EmbedJob, actors: int, shards: int) -> int:
     """Upper bound of the preprocessing pool: the CPUs the replicas leave (at least one actor), at most one per shard."""
     import ray
@@ -423,7 +400,8 @@ def embed_store(job: EmbedJob, embedder_cls: type[Embedder] = Embedder,
     actors = 0
     if any(rows.values()):
         ensure_ray()
-        actors = _pool_size(job)  # before anything else: no GPUs -> fail now
+        actors = pool_size(ActorPoolConfig(job.actors, job.num_gpus, job.cpus_per_actor),
+                           reserve_cpus=job.preprocess_cpus)  # before anything else: no GPUs -> fail now
 
     # Build the backbone here once: a bad name, an unsafe or mismatched weights file, or a missing
     # checkpoint fails now, before the actors start; it also gives D for the output schema.

@@ -23,23 +23,27 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from galray import __version__
-from galray.config import ConfigError, check, dumps, from_dict
+from galray.config import ConfigError, check, dumps
 from galray.data.cutouts import CutoutError, StretchConfig
 from galray.data.preprocess import ImagePlan, PreprocessConfig, plan_for, plan_images, prepare_image
 from galray.data.resume import plan_shard_work
 from galray.data.shards import CONFIG_NAME, ID_COLUMN
 from galray.data.stores import CODES_STORE_VERSION, codes_table, footer_rows, shard_stem, write_shard
+from galray.stages.pool import ActorPoolConfig, pool_size
 from galray.stages.summary import StageSummary
 from galray.storage import StorageConfig, StorageError, arrow_filesystem, join, write_text
+
+if TYPE_CHECKING:
+    from galray.models.checkpoint import CheckpointBytes
+    from galray.models.vqvae import VQVAE
 
 STAGE = "encode"
 
@@ -85,34 +89,31 @@ class EncodeJob:
         check(0 < self.crop_fraction <= 1, "crop_fraction", "must be in (0, 1]")
 
 
-def read_checkpoint(uri: str, storage: StorageConfig | None = None) -> tuple[bytes, bytes]:
+def read_checkpoint(uri: str, storage: StorageConfig | None = None) -> "CheckpointBytes":
     """(config.json, model.safetensors) bytes of a checkpoint folder, local or on S3."""
-    from galray.models.checkpoint import CONFIG_NAME as CKPT_CONFIG
-    from galray.models.checkpoint import WEIGHTS_NAME
+    from galray.models.checkpoint import MODEL_CONFIG_NAME, WEIGHTS_NAME, CheckpointBytes
 
     fs, root = arrow_filesystem(uri, storage)
     out = []
-    for name in (CKPT_CONFIG, WEIGHTS_NAME):
+    for name in (MODEL_CONFIG_NAME, WEIGHTS_NAME):
         try:
             with fs.open_input_stream(f"{root}/{name}") as f:
                 out.append(f.read())
         except (FileNotFoundError, OSError) as err:
             raise StorageError(f"cannot read {join(uri, name)}: is {uri} a VQ-VAE checkpoint folder? ({err})") from None
-    return out[0], out[1]
+    return CheckpointBytes(out[0], out[1])
 
 
-def vqvae_from_bytes(config_json: bytes, weights: bytes) -> Any:
-    """Rebuild the VQVAE from checkpoint bytes (safetensors: no pickle, no code runs)."""
-    from safetensors.torch import load as load_safetensors
+def load_vqvae(checkpoint: "CheckpointBytes") -> "VQVAE":
+    """The VQ-VAE of a checkpoint, in eval mode (safetensors: no pickle, no code runs); another
+    model's checkpoint fails naming the ``vqvae`` field."""
+    from galray.models.checkpoint import load_model
+    from galray.models.vqvae import VQVAE
 
-    from galray.models.vqvae import VQVAE, VQVAEConfig
-
-    payload = json.loads(config_json)
-    if payload.get("class") not in (None, "VQVAE"):
-        raise ConfigError("vqvae", f"the checkpoint holds a {payload['class']}, not a VQVAE")
-    model = VQVAE(from_dict(VQVAEConfig, payload["config"]))
-    model.load_state_dict(load_safetensors(weights), strict=True)
-    return model.eval()
+    try:
+        return load_model(VQVAE, checkpoint).eval()
+    except ValueError as err:
+        raise ConfigError("vqvae", str(err)) from None
 
 
 class ShardEncoder:
@@ -121,8 +122,10 @@ class ShardEncoder:
     def __init__(self, config_json: bytes, weights: bytes, plan: ImagePlan, job: EncodeJob, provenance: dict[str, Any]):
         import torch
 
+        from galray.models.checkpoint import CheckpointBytes
+
         self.device = torch.device("cuda" if job.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        self.model = vqvae_from_bytes(config_json, weights).to(self.device)
+        self.model = load_vqvae(CheckpointBytes(config_json, weights)).to(self.device)
         self.plan, self.job, self.provenance = plan, job, provenance
         self.fs_in, _ = arrow_filesystem(job.input, job.storage)
         self.fs_out, self.out_root = arrow_filesystem(job.output, job.storage)
@@ -131,8 +134,9 @@ class ShardEncoder:
         """(B, C, S, S) uint8 or float [0, 1] pixels -> (B, h*w) int64 codes."""
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(pixels_BCHW)).to(self.device)
-        x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float() * 2.0 - 1.0
+        from galray.models.vqvae import pixels_to_model
+
+        x = pixels_to_model(torch.from_numpy(np.ascontiguousarray(pixels_BCHW)).to(self.device))
         with torch.inference_mode():
             idx = self.model.encode_indices(x)  # (B, h, w)
         return idx.reshape(idx.shape[0], -1).cpu().numpy()
@@ -180,19 +184,6 @@ class ShardEncoder:
         return int(ok.sum()), len(errors)
 
 
-def _pool_size(job: EncodeJob) -> int:
-    import ray
-
-    cpus = float(ray.cluster_resources().get("CPU", 0.0))
-    if job.num_gpus > 0:
-        gpus = float(ray.cluster_resources().get("GPU", 0.0))
-        if gpus < job.num_gpus:
-            raise ConfigError("num_gpus", f"asks for {job.num_gpus:g} GPU(s) per actor, but the Ray cluster has "
-                                          f"{gpus:g}; use --set num_gpus=0 to run on CPU")
-        return job.actors or int(gpus // job.num_gpus)
-    return job.actors or max(1, int(cpus // (2 * job.cpus_per_actor)))
-
-
 def encode_store(job: EncodeJob) -> StageSummary:
     """Encode every unfinished shard of ``job.input`` into ``job.output``; returns the stage summary."""
     import ray
@@ -204,13 +195,13 @@ def encode_store(job: EncodeJob) -> StageSummary:
     job = dataclasses.replace(job, storage=job.storage.resolved())  # actors don't see the driver's env
     work = plan_shard_work(job.input, job.output, job.storage, job.overwrite)
     fs_in, shards, todo = work.fs_in, work.shards, work.todo
-    config_json, weights = read_checkpoint(job.vqvae, job.storage)
-    cfg = vqvae_from_bytes(config_json, weights).cfg  # a bad checkpoint fails here, before any actor starts
+    checkpoint = read_checkpoint(job.vqvae, job.storage)
+    cfg = load_vqvae(checkpoint).cfg  # a bad checkpoint fails here, before any actor starts
     plan = plan_for(pq.read_schema(shards[0].path, filesystem=fs_in), cfg.image_size, cfg.in_channels,
                     PreprocessConfig(job.crop_fraction, job.stretch))
     provenance = {"codes_store_version": CODES_STORE_VERSION, "producer": "galray encode",
                   "galray_version": __version__, "vqvae": job.vqvae,
-                  "weights": "sha256:" + hashlib.sha256(weights).hexdigest(), "grid": [cfg.latent_size] * 2,
+                  "weights": "sha256:" + hashlib.sha256(checkpoint.weights).hexdigest(), "grid": [cfg.latent_size] * 2,
                   "codebook_size": cfg.codebook_size, "image_size": cfg.image_size,
                   "label_column": job.label_column, "preprocessing": plan.to_json(), "input": job.input}
 
@@ -219,8 +210,8 @@ def encode_store(job: EncodeJob) -> StageSummary:
     written = errored = 0
     if todo:
         ensure_ray()
-        n = min(_pool_size(job), len(todo))
-        refs = ray.put(config_json), ray.put(weights)
+        n = min(pool_size(ActorPoolConfig(job.actors, job.num_gpus, job.cpus_per_actor)), len(todo))
+        refs = ray.put(checkpoint.config_json), ray.put(checkpoint.weights)
         # The model travels as bytes through the object store, so a local checkpoint also works on a
         # cluster. Ray cannot safely restart actors built from object-store arguments (ray#53727), so
         # a crashed actor fails the job instead; the rerun skips every shard already written.

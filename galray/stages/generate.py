@@ -17,7 +17,7 @@ from PIL import Image
 from galray.models.checkpoint import load_model
 from galray.models.prior import Prior
 from galray.models.sampling import SamplingConfig, sample
-from galray.models.vqvae import VQVAE
+from galray.models.vqvae import VQVAE, model_to_pixels
 
 
 def default_device() -> torch.device:
@@ -44,7 +44,7 @@ def image_grid(images_BCHW: torch.Tensor, nrow: int | None = None) -> np.ndarray
     B = images_BCHW.shape[0]
     cols = nrow or math.ceil(math.sqrt(B))
     rows = math.ceil(B / cols)
-    x = ((images_BCHW.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    x = model_to_pixels(images_BCHW).cpu()
     if rows * cols > B:
         x = torch.cat([x, torch.zeros(rows * cols - B, *x.shape[1:], dtype=torch.uint8)])
     return rearrange(x, "(r c) ch h w -> (r h) (c w) ch", r=rows, c=cols).numpy()

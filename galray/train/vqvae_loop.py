@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from galray.config import check
 from galray.models.codebook_metrics import CodebookMetrics, CodebookReport
-from galray.models.vqvae import VQVAE, scale_uint8
+from galray.models.vqvae import VQVAE, pixels_to_model
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def _device(model: nn.Module) -> torch.device:
 def prepare_batch(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Model input (B, C, H, W) float in [-1, 1] on ``device`` from a float or uint8 batch."""
     if x.dtype == torch.uint8:
-        x = scale_uint8(x)
+        x = pixels_to_model(rearrange(x, "b h w c -> b c h w"))
     return x.to(device, non_blocking=True).float()
 
 

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from galray.config import from_dict
 from galray.models.checkpoint import load_model, save_model
+from galray.models.vqvae import pixels_to_model
 from galray.tracking import Tracker, TrackingConfig
 from galray.train.config import TrainJob
 
@@ -152,13 +153,6 @@ class _SAETask(_Task):
                          "density_log10_edges": rep["density_log10_edges"], "n_samples": rep["n_samples"],
                          "n_latents": self.model.cfg.n_latents,
                          "fvu_prefix": rep["fvu_prefix"], "prefix_sizes": rep["prefix_sizes"]}
-
-
-def pixels_to_model(pixels: Tensor) -> Tensor:
-    """(B, C, S, S) pixels from the preprocessing (uint8 0..255 or float [0, 1]) -> float in [-1, 1]."""
-    if pixels.dtype == torch.uint8:
-        return pixels.float() / 127.5 - 1.0
-    return pixels.float() * 2.0 - 1.0
 
 
 class _VQVAETask(_Task):

@@ -1,0 +1,63 @@
+"""Fixed actor pools of model replicas (`galray embed`, `galray encode`): their settings and the one sizing rule.
+
+A pool is sized once, on the driver, and checked against the Ray cluster before anything starts:
+asking for GPUs on a cluster without them, or for more CPUs than it has, fails at once naming the
+field, instead of leaving Ray waiting for resources that never come.
+
+- GPU: ``actors`` replicas (default: one per ``num_gpus`` of the cluster's GPUs).
+- CPU: ``actors`` replicas (default: ``CPUs / (2 cpus_per_actor)``, at least one), so that on a
+  small machine half the CPUs stay with the readers and the preprocessing.
+
+Ray is imported inside :func:`pool_size` only (the config is read by the CLI without Ray).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from galray.config import ConfigError, check
+
+
+@dataclass(frozen=True)
+class ActorPoolConfig:
+    """The fixed pool of model replicas of a stage."""
+
+    actors: int = 0
+    """Model replicas; 0: one per num_gpus GPU(s) on GPU, CPUs / (2 cpus_per_actor) on CPU."""
+    num_gpus: float = 0.0
+    """GPUs per replica (0: CPU). Checked against the cluster before anything starts."""
+    cpus_per_actor: float = 1.0
+    """CPUs Ray reserves for each replica."""
+
+    def __post_init__(self) -> None:
+        check(self.actors >= 0, "actors", "must be >= 0 (0 = size the pool to the cluster)")
+        check(self.num_gpus >= 0, "num_gpus", "must be >= 0")
+        check(self.cpus_per_actor > 0, "cpus_per_actor", "must be positive")
+
+
+def pool_size(pool: ActorPoolConfig, reserve_cpus: float = 0.0, field_prefix: str = "") -> int:
+    """Replicas of ``pool`` on the current Ray cluster, after checking the cluster can host them next to
+    ``reserve_cpus`` CPUs for other work (embed's preprocessing). Errors name ``<field_prefix>actors`` etc."""
+    import ray
+
+    from galray.session import cluster_gpus
+
+    gpus, cpus = cluster_gpus(), float(ray.cluster_resources().get("CPU", 0.0))
+    if pool.num_gpus > 0:
+        if gpus == 0:
+            raise ConfigError(f"{field_prefix}num_gpus", f"asks for {pool.num_gpus:g} GPU(s) per actor, but the Ray "
+                              f"cluster has no GPUs; use --num-gpus 0 to run on CPU (Ray would otherwise wait for "
+                              f"GPUs that never come)")
+        n = pool.actors or int(gpus // pool.num_gpus)
+        if n < 1 or n * pool.num_gpus > gpus:
+            raise ConfigError(f"{field_prefix}actors", f"{max(n, 1)} actor(s) x {pool.num_gpus:g} GPU(s) need "
+                              f"{max(n, 1) * pool.num_gpus:g} GPUs, but the Ray cluster has {gpus:g}")
+    else:
+        n = pool.actors or max(1, int(cpus // (2 * pool.cpus_per_actor)))
+    need = n * pool.cpus_per_actor + reserve_cpus
+    if need > cpus:
+        reserved = f" plus {reserve_cpus:g} CPU for preprocessing" if reserve_cpus else ""
+        raise ConfigError(f"{field_prefix}actors", f"{n} actor(s) x {pool.cpus_per_actor:g} CPU(s){reserved} need "
+                          f"{need:g} CPUs, but the Ray cluster has {cpus:g}; lower --actors or "
+                          f"{field_prefix}cpus_per_actor")
+    return n
