@@ -30,7 +30,8 @@ import torch
 from sklearn.decomposition import PCA
 
 from galray.models.sae import SparseAutoencoder, evaluate_sae, planted_dictionary, sae_preset
-from galray.train.sae_loop import make_optimizer, make_scheduler, sae_train_preset, sae_train_step
+from galray.train.loop import set_lr
+from galray.train.sae_loop import lr_at, make_optimizer, sae_train_preset, train_step
 
 
 def fvu_pca(x_train: np.ndarray, x_test: np.ndarray, k: int, seed: int) -> float:
@@ -68,7 +69,7 @@ def main() -> None:
         model.fit_normalization(x_train)
         model.init_from_sample(x_train[:8192])
         opt = make_optimizer(model, tcfg)
-        runs[name] = {"model": model, "tcfg": tcfg, "opt": opt, "sched": make_scheduler(opt, tcfg, steps),
+        runs[name] = {"model": model, "tcfg": tcfg, "opt": opt,
                       "gen": torch.Generator().manual_seed(args.seed), "time": 0.0, "samples": 0}
     k = runs["galray"]["model"].cfg.k
     assert runs["wu2025"]["model"].cfg.k == k and runs["wu2025"]["model"].cfg.n_latents == \
@@ -89,7 +90,8 @@ def main() -> None:
             idx = torch.randint(0, n_train, (n, tcfg.batch_size), generator=r["gen"])
             t = time.perf_counter()
             for i in range(n):
-                sae_train_step(model, r["opt"], x_train[idx[i]], tcfg.grad_clip, r["sched"])
+                set_lr(r["opt"], lr_at(done + i, tcfg))
+                train_step(model, r["opt"], {"x": x_train[idx[i]]}, tcfg)
             r["time"] += time.perf_counter() - t
             r["samples"] += n * tcfg.batch_size
         done += n

@@ -3,6 +3,15 @@
 The tracking URI comes from config, else ``MLFLOW_TRACKING_URI``, else a sqlite store in the
 working directory (``sqlite:///mlflow.db``). Ray workers get the URI passed explicitly, because
 a worker that falls back to its own default writes an ``mlflow.db`` into its own directory.
+
+- :class:`Tracker`: a run handle (params, metrics, artifacts, figures, model registry) through
+  MLflow's client API, which keeps no global state;
+- :func:`open_run`: the run of a resumable job (training), found again by its run key tag;
+- :func:`metric_series`: a metric's history by step, a replayed step keeping its last value
+  (loss curves that span restarts);
+- :class:`StageRun`: a row-reading stage's run (params, throttled progress, the summary).
+
+MLflow is imported inside functions: importing this module costs nothing.
 """
 
 from __future__ import annotations
@@ -11,12 +20,18 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from galray.config import check, flatten
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from galray.stages.summary import StageSummary
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+RUN_KEY_TAG = "galray.run_key"
 
 
 @dataclass(frozen=True)
@@ -115,7 +130,7 @@ class Tracker:
         else:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_figure(self, fig: Any, name: str) -> None:
+    def log_figure(self, fig: "Figure", name: str) -> None:
         """Save a matplotlib figure as PNG into the run's ``figures/`` artifacts."""
         if not self.active:
             return
@@ -155,6 +170,54 @@ class Tracker:
             self._client.set_terminated(self.run_id, status=status)
 
 
+def open_run(tracking: TrackingConfig, run_key: str, run_name: str, tags: Mapping[str, str],
+             params: Mapping[str, Any]) -> Tracker:
+    """The MLflow run of a resumable job: found again by its ``run_key`` tag when resuming, else new.
+
+    MLflow params are immutable: on resume only new keys are logged, and the keys whose values
+    changed are named in the ``galray.changed_on_resume`` tag.
+    """
+    if not tracking.enabled:
+        return Tracker(tracking)
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking.uri)
+    exp = client.get_experiment_by_name(tracking.experiment)
+    found = None
+    if exp is not None:
+        key = run_key.replace("'", "\\'")
+        runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'",
+                                  max_results=1, order_by=["attributes.start_time DESC"])
+        found = runs[0] if runs else None
+    tracker = Tracker(tracking, run_name=run_name, run_id=found.info.run_id if found else None,
+                      tags={RUN_KEY_TAG: run_key, **tags})
+    if found is None:
+        tracker.log_params(params)
+        return tracker
+    client.update_run(found.info.run_id, status="RUNNING")
+    old = found.data.params
+    new = {k: v for k, v in params.items() if k not in old}
+    changed = sorted(k for k, v in params.items() if k in old and old[k] != str(v)[:MAX_PARAM_CHARS])
+    tracker.log_params(new)
+    if changed:
+        tracker.set_tags({"galray.changed_on_resume": ",".join(changed)[:5000]})
+    return tracker
+
+
+def metric_series(tracking: TrackingConfig, run_id: str, keys: Sequence[str]) -> dict[str, tuple[list, list]]:
+    """``{key: (steps, values)}`` of a run's metrics, by step; a step replayed after a restart keeps its last value."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking.uri)
+    out = {}
+    for key in keys:
+        hist = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        by_step = {m.step: m.value for m in hist}
+        if by_step:
+            out[key] = (list(by_step), list(by_step.values()))
+    return out
+
+
 class StageRun:
     """MLflow run of a row-reading stage (embed, encode): params, throttled progress, the final summary.
 
@@ -185,7 +248,7 @@ class StageRun:
         self.tracker.log_metrics({"rows_done": rows_done, "rows_per_s": rows_done / elapsed if elapsed > 0 else 0.0,
                                   **extra}, step=rows_done)
 
-    def finish(self, summary: Any | None, extra: Mapping[str, float] | None = None) -> None:
+    def finish(self, summary: "StageSummary | None", extra: Mapping[str, float] | None = None) -> None:
         """Log the summary's figures (``rows_in``, ``rows_out``, ``rows_errored``, ``seconds``, ...) and close the run.
 
         ``summary=None`` marks the run FAILED (the stage raised).

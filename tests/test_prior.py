@@ -14,8 +14,8 @@ from galray.models.checkpoint import load_model, save_model
 from galray.models.prior import Prior, PriorConfig
 from galray.models.sampling import (SamplingConfig, choose_next, filter_logits, guide, sample,
                                     sample_kv, sample_naive)
-from galray.train.prior_loop import (PriorTrainConfig, drop_labels, lr_at, make_optimizer,
-                                     prior_train_step)
+from galray.train.loop import set_lr
+from galray.train.prior_loop import PriorTrainConfig, drop_labels, lr_at, make_optimizer, train_step
 
 TINY = PriorConfig(vocab_size=32, num_classes=3, seq_len=16, d_model=32, n_layers=2, n_heads=4, dropout=0.0)
 
@@ -167,11 +167,10 @@ def test_overfits_one_batch():
     labels = torch.arange(8)  # one class per row, so code 0 is predictable from the class alone
     tcfg = PriorTrainConfig(steps=150, lr=3e-3, warmup_steps=10, weight_decay=0.0)
     opt = make_optimizer(model, tcfg)
-    first = prior_train_step(model, opt, codes, labels)
+    first = train_step(model, opt, {"codes": codes, "label": labels}, tcfg)
     for step in range(1, tcfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, tcfg)
-        stats = prior_train_step(model, opt, codes, labels)
+        set_lr(opt, lr_at(step, tcfg))
+        stats = train_step(model, opt, {"codes": codes, "label": labels}, tcfg)
     assert first["loss"] > 3.5  # about log(64) = 4.16 at the start
     assert stats["loss"] < 0.02, stats
     assert stats["acc"] == 1.0

@@ -24,14 +24,7 @@ from galray.models.sae import (
     planted_dictionary,
     sae_preset,
 )
-from galray.train.sae_loop import (
-    SAETrainConfig,
-    lr_factor,
-    make_optimizer,
-    sae_train_preset,
-    sae_train_step,
-    train_sae,
-)
+from galray.train.sae_loop import SAETrainConfig, lr_at, lr_factor, make_optimizer, sae_train_preset, train, train_step
 
 # Planted problem of the issue: d=64, 256 unit-norm features, 8 active per sample, small noise,
 # an SAE at 4x expansion (256 latents) with k=8. Feature frequencies fall as rank^-ZIPF, as real
@@ -206,16 +199,16 @@ def test_overfits_one_batch_and_trains_from_iterable(threads):
     m = _fitted(SAEConfig(d_in=16, group_sizes=(8, 24), k=2, dead_after_samples=512), x)
     opt = make_optimizer(m, SAETrainConfig(lr=1e-2))
     m.train()
-    first = sae_train_step(m, opt, x)["fvu"].item()
+    first = train_step(m, opt, {"x": x}, SAETrainConfig(grad_clip=None))["fvu"].item()
     for _ in range(150):
-        last = sae_train_step(m, opt, x, grad_clip=1.0)["fvu"].item()
+        last = train_step(m, opt, {"x": x}, SAETrainConfig(grad_clip=1.0))["fvu"].item()
     assert last < 0.5 * first
     assert torch.allclose(m.W_dec_FD.norm(dim=1), torch.ones(32), atol=1e-5)
 
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=64)
     with pytest.raises(ValueError):
-        train_sae(SparseAutoencoder(m.cfg), loader, SAETrainConfig(steps=2))
-    hist = train_sae(m, loader, SAETrainConfig(steps=10, log_every=5))
+        train(SparseAutoencoder(m.cfg), loader, SAETrainConfig(steps=2))
+    hist = train(m, loader, SAETrainConfig(steps=10, log_every=5))
     assert [h["step"] for h in hist] == [5.0, 10.0] and not m.training
 
 
@@ -249,6 +242,14 @@ def test_lr_schedules():
     cos = sae_train_preset("wu2025")
     c = [lr_factor(s, 100, cos) for s in range(100)]
     assert c[0] == 1.0 and c[-1] == pytest.approx(0.1, abs=1e-3)
+    # lr_at is the learning rate LambdaLR(optimizer, lr_factor) gave each step, float for float.
+    tcfg = SAETrainConfig(lr=3e-3, steps=100, warmup_frac=0.1, decay_frac=0.2)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=tcfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 100, tcfg))
+    for s in range(100):
+        assert lr_at(s, tcfg) == opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
 
 
 # ----------------------------------------------------------------------------- planted dictionary
@@ -261,7 +262,7 @@ def planted():
         cfg = sae_preset("galray", D, group_sizes=GROUPS, k=K, dead_after_samples=4096)
         model = SparseAutoencoder(cfg)
         t0 = time.process_time()  # CPU seconds of this process: other jobs on the box do not count
-        train_sae(model, x[:N_TRAIN], sae_train_preset("galray", steps=TRAIN_STEPS, lr=5e-3, log_every=10**9))
+        train(model, x[:N_TRAIN], sae_train_preset("galray", steps=TRAIN_STEPS, lr=5e-3, log_every=10**9))
         seconds = time.process_time() - t0
     finally:
         torch.set_num_threads(old)

@@ -23,7 +23,7 @@ from galray.data.shards import ImageSpec, make_table, shard_name, write_table
 from galray.data.galsim_survey import SimConfig, render_batch
 from galray.storage import arrow_filesystem
 from galray.train.config import TrainJob
-from galray.train.launch import is_val
+from galray.train.datasets import is_val
 
 # Rows per shard and shards of the test stores.
 ROWS, SHARDS = 120, 2
@@ -115,7 +115,7 @@ def test_job_config_validation():
     job = from_dict(TrainJob, {"kind": "sae", "data": "x", "name": "r", "batch_size": 8, "scale_lr": True,
                                "sae": {"model": {"group_sizes": [8, 24], "k": 4}, "train": {"lr": 1e-3}}})
     assert job.global_batch_size == 16
-    assert job.sae_train_config().lr == pytest.approx(2e-3) and job.sae_train_config().batch_size == 8
+    assert job.train_config().lr == pytest.approx(2e-3) and job.train_config().batch_size == 8
     assert job.sae.model_config(16).n_latents == 32 and job.sae.model_config(16).d_in == 16
     with pytest.raises(ConfigError, match="sae.model.nope"):
         from_dict(TrainJob, {"kind": "sae", "data": "x", "name": "r", "sae": {"model": {"nope": 1}}})

@@ -14,7 +14,7 @@ from galray.config import ConfigError, from_dict
 from galray.models.checkpoint import MODEL_CONFIG_NAME, WEIGHTS_NAME, CheckpointBytes, load_model, save_model
 from galray.models.codebook_metrics import CodebookMetrics, background_mask, perplexity, utilisation
 from galray.models.vqvae import VQVAE, VQVAEConfig, code_heatmap, model_to_pixels, pixels_to_model
-from galray.train.vqvae_loop import VQVAETrainConfig, evaluate, fit
+from galray.train.vqvae_loop import VQVAETrainConfig, evaluate, train
 
 TINY = dict(image_size=16, channels=(8, 16), latent_size=4, code_dim=8, codebook_size=16, kmeans_iters=3)
 
@@ -161,14 +161,16 @@ def test_background_mask_and_foreground_perplexity():
 def test_train_loop_reduces_loss_and_evaluates():
     m = _tiny()
     torch.manual_seed(1)
-    batches = [torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8) for _ in range(2)]
-    smooth = [(torch.rand(8, 3, 4, 4) * 2 - 1).repeat_interleave(4, 2).repeat_interleave(4, 3)]
-    hist = fit(m, smooth, VQVAETrainConfig(steps=60, lr=3e-3, log_every=10))
+    batches = [{"pixels": torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)} for _ in range(2)]
+    smooth = [{"pixels": torch.rand(8, 3, 4, 4).repeat_interleave(4, 2).repeat_interleave(4, 3)}]  # [0, 1] floats
+    hist = train(m, smooth, VQVAETrainConfig(steps=60, lr=3e-3, log_every=10))
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert [h["step"] for h in hist] == [10, 20, 30, 40, 50, 60]
     report = evaluate(m, batches)  # uint8 batches are scaled to [-1, 1]
-    assert report.n_tokens == 2 * 8 * 16 and 0 < report.utilisation <= 1
-    assert 1 <= report.perplexity <= 16 and report.mse > 0
+    assert sum(report.figure_data["code_counts"]) == 2 * 8 * 16 and 0 < report.metrics["val_utilisation"] <= 1
+    assert set(report.metrics) == {"val_utilisation", "val_perplexity", "val_perplexity_foreground", "val_mse"}
+    assert sum(evaluate(m, batches, max_rows=8).figure_data["code_counts"]) == 8 * 16
+    assert 1 <= report.metrics["val_perplexity"] <= 16 and report.metrics["val_mse"] > 0
     assert m.training  # evaluate restores the mode
 
 

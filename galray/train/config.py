@@ -1,6 +1,10 @@
 """`galray train` settings: one frozen :class:`TrainJob` for the SAE, the VQ-VAE and the prior.
 
-Only the section named by ``kind`` is used (``sae``, ``vqvae`` or ``prior``); the others keep
+**Kinds.** ``KINDS`` maps each kind to its loop module (the face of :mod:`galray.train.loop`);
+the job has one section per kind, named like it, with the kind's model and optimisation
+settings and a ``train_config()``. Adding a kind: a ``train/<kind>_loop.py``, a section here
+(a field of :class:`TrainJob` and an entry in ``KINDS``) and a dataset builder in
+:mod:`galray.train.datasets`. Only the section named by ``kind`` is used; the others keep
 their defaults and are ignored. The optimisation step count, per-worker batch size and logging
 interval live at the top level and override the loop configs' own fields, so one set of keys
 means the same thing for every kind (and for the hyperparameter campaigns that sweep them).
@@ -16,23 +20,26 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, get_type_hints
+from typing import Any, Literal, get_args, get_type_hints
 
 # _convert: from_dict's per-value conversion. Presets are dataclass instances, and a preset plus
 # overrides is built by replacing fields; a round trip through a dict would convert every field.
-from galray.config import ConfigError, _convert, check
+from galray.config import ConfigError, T, _convert, check
 from galray.models.prior import PriorConfig
 from galray.models.sae import PRESETS as SAE_PRESETS
 from galray.models.sae import SAEConfig, sae_preset
 from galray.models.vqvae import VQVAEConfig
 from galray.storage import StorageConfig
 from galray.tracking import TrackingConfig
+from galray.train import prior_loop, sae_loop, vqvae_loop
+from galray.train.loop import Loop
 from galray.train.prior_loop import PriorTrainConfig
 from galray.train.sae_loop import SAETrainConfig, sae_train_preset
 from galray.train.vqvae_loop import VQVAETrainConfig
 
 Kind = Literal["sae", "vqvae", "prior"]
-T = TypeVar("T")
+KINDS: dict[str, Loop] = {"sae": sae_loop, "vqvae": vqvae_loop, "prior": prior_loop}
+assert set(KINDS) == set(get_args(Kind)), "every kind has a loop module and a TrainJob section"
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,9 @@ class VQVAESection:
     train: VQVAETrainConfig = field(default_factory=VQVAETrainConfig)
     """Optimisation; steps and log_every come from the job's top level."""
 
+    def train_config(self) -> VQVAETrainConfig:
+        return self.train
+
 
 @dataclass(frozen=True)
 class PriorSection:
@@ -110,6 +120,9 @@ class PriorSection:
     """Architecture; vocab_size and seq_len must match the code store (checked before training)."""
     train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
     """Optimisation; steps and batch_size come from the job's top level."""
+
+    def train_config(self) -> PriorTrainConfig:
+        return self.train
 
 
 @dataclass(frozen=True)
@@ -191,19 +204,19 @@ class TrainJob:
         """Identity of the run across restarts: the MLflow run is found again by this tag."""
         return f"{self.storage_path.rstrip('/')}/{self.name}"
 
-    # The loop configs as the workers use them: top-level steps/batch/logging, scaled lr.
-    def sae_train_config(self) -> SAETrainConfig:
-        cfg = self.sae.train_config()
-        return dataclasses.replace(cfg, steps=self.steps, batch_size=self.batch_size, log_every=self.log_every,
-                                   lr=cfg.lr * self.lr_scale)
+    @property
+    def loop(self) -> Loop:
+        """The loop module of this kind (galray.train.loop's face)."""
+        return KINDS[self.kind]
 
-    def vqvae_train_config(self) -> VQVAETrainConfig:
-        cfg = self.vqvae.train
-        return dataclasses.replace(cfg, steps=self.steps, log_every=self.log_every, lr=cfg.lr * self.lr_scale)
-
-    def prior_train_config(self) -> PriorTrainConfig:
-        cfg = self.prior.train
-        return dataclasses.replace(cfg, steps=self.steps, batch_size=self.batch_size, lr=cfg.lr * self.lr_scale)
+    def train_config(self) -> SAETrainConfig | VQVAETrainConfig | PriorTrainConfig:
+        """The kind's loop config as the workers use it: the job's steps, per-worker batch size and
+        logging interval where the loop config has such fields, and the learning rate scaled."""
+        cfg = getattr(self, self.kind).train_config()
+        top = {"steps": self.steps, "batch_size": self.batch_size, "log_every": self.log_every,
+               "lr": cfg.lr * self.lr_scale}
+        names = {f.name for f in dataclasses.fields(cfg)}
+        return dataclasses.replace(cfg, **{k: v for k, v in top.items() if k in names})
 
 
 def _override(base: T, overrides: dict[str, Any], prefix: str) -> T:

@@ -1,20 +1,23 @@
-"""Pure-torch training of the prior on VQ code sequences: one step, optimizer, schedule, a loop.
+"""Pure-torch training of the prior on VQ code sequences (the loop face of :mod:`galray.train.loop`):
+optimizer, schedule, one step, the validation pass, and a single-process loop.
 
 No ray, no mlflow: Ray Train workers wrap these (the model may arrive wrapped in
-DistributedDataParallel; ``prior_train_step`` reads the config through ``.module``).
+DistributedDataParallel; ``train_step`` reads the config through ``.module``). Batches are dicts
+``{"codes": (B, T), "label": (B,)}`` (labels already mapped to the null class where unknown).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from galray.config import check
 from galray.models.prior import Prior, PriorConfig
+from galray.train.loop import Evaluation, set_lr, unwrap
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class PriorTrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 turns clipping off."""
     seed: int = 0
-    """Seed of batch order and class dropout."""
+    """Seed of batch order (single-process ``train``) and of class dropout."""
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "steps", "must be >= 1")
@@ -52,10 +55,6 @@ class PriorTrainConfig:
         check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         check(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = off)")
-
-
-def _unwrap(model: nn.Module) -> Prior:
-    return getattr(model, "module", model)  # DDP / torch.compile wrappers keep the model in .module
 
 
 def drop_labels(labels_B: Tensor, p: float, null_class: int, generator: torch.Generator | None = None) -> Tensor:
@@ -70,7 +69,7 @@ def make_optimizer(model: nn.Module, cfg: PriorTrainConfig) -> torch.optim.AdamW
     """AdamW with decay on >= 2-D weights except embeddings (nanoGPT's grouping, minus positions)."""
     decay, no_decay = [], []
     seen: set[int] = set()
-    for name, p in _unwrap(model).named_parameters():
+    for name, p in unwrap(model).named_parameters():
         if not p.requires_grad or id(p) in seen:  # tied weights appear once
             continue
         seen.add(id(p))
@@ -88,46 +87,74 @@ def lr_at(step: int, cfg: PriorTrainConfig) -> float:
     return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def prior_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, codes_BT: Tensor, labels_B: Tensor,
-                     *, grad_clip: float = 1.0, generator: torch.Generator | None = None,
-                     autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """One optimizer step with class dropout (rate ``model.cfg.class_dropout``).
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping[str, Tensor], cfg: PriorTrainConfig,
+               generator: torch.Generator | None = None) -> dict[str, float]:
+    """One optimizer step on ``batch`` with class dropout (rate ``model.cfg.class_dropout``, drawn from
+    ``generator``).
 
-    ``autocast_dtype`` (e.g. torch.bfloat16 on a GPU) runs the forward under autocast on
-    the codes' device type. Returns loss, token accuracy and the gradient norm before clipping.
+    On CUDA the forward runs under bf16 autocast. Returns loss, token accuracy and the gradient
+    norm before clipping (``cfg.grad_clip``; 0 turns clipping off).
     """
-    cfg: PriorConfig = _unwrap(model).cfg
+    model_cfg: PriorConfig = unwrap(model).cfg
+    codes_BT, labels_B = batch["codes"].long(), batch["label"].long()
     model.train()
-    labels_B = drop_labels(labels_B, cfg.class_dropout, cfg.null_class, generator)
-    with torch.autocast(codes_BT.device.type, dtype=autocast_dtype or torch.bfloat16,
-                        enabled=autocast_dtype is not None):
+    labels_B = drop_labels(labels_B, model_cfg.class_dropout, model_cfg.null_class, generator)
+    with torch.autocast(codes_BT.device.type, dtype=torch.bfloat16, enabled=codes_BT.device.type == "cuda"):
         out = model(codes_BT, labels_B)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     optimizer.step()
     acc = (out.logits.detach().argmax(-1) == codes_BT).float().mean()
     return {"loss": float(out.loss.detach()), "acc": float(acc), "grad_norm": float(grad_norm)}
 
 
-def train_prior(model: Prior, codes_NT: Tensor, labels_N: Tensor, cfg: PriorTrainConfig,
-                on_step: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
-    """Single-process training on in-memory codes (N, seq_len) and labels (N,), on the model's device."""
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], max_rows: int = 0) -> Evaluation:
+    """Mean next-code loss and token accuracy over the validation batches (eval mode, no class
+    dropout; stops after ``max_rows``, 0: all)."""
+    prior: Prior = unwrap(model)
+    was_training = prior.training
+    prior.eval()
+    loss_sum = acc_sum = 0.0
+    n = 0
+    for b in batches:
+        codes, labels = b["codes"].long(), b["label"].long()
+        out = prior(codes, labels)
+        loss_sum += float(out.loss) * codes.shape[0]
+        acc_sum += float((out.logits.argmax(-1) == codes).float().mean()) * codes.shape[0]
+        n += codes.shape[0]
+        if max_rows and n >= max_rows:
+            break
+    prior.train(was_training)
+    if n == 0:
+        return Evaluation({}, {})
+    return Evaluation({"val_loss": loss_sum / n, "val_acc": acc_sum / n}, {})
+
+
+def train(model: Prior, codes_NT: Tensor, labels_N: Tensor, cfg: PriorTrainConfig,
+          on_log: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+    """Single-process training on in-memory codes (N, seq_len) and labels (N,), on the model's device;
+    one history record (and ``on_log(steps done, record)`` call) per step."""
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     drop_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     optimizer = make_optimizer(model, cfg)
     history = []
     for step in range(cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+        set_lr(optimizer, lr_at(step, cfg))
         idx = torch.randint(0, codes_NT.shape[0], (cfg.batch_size,), generator=gen)
-        stats = prior_train_step(model, optimizer, codes_NT[idx].to(device), labels_N[idx].to(device),
-                                 grad_clip=cfg.grad_clip, generator=drop_gen)
+        stats = train_step(model, optimizer, {"codes": codes_NT[idx].to(device), "label": labels_N[idx].to(device)},
+                           cfg, generator=drop_gen)
         stats["lr"] = optimizer.param_groups[0]["lr"]
         history.append(stats)
-        if on_step is not None:
-            on_step(step, stats)
+        if on_log is not None:
+            on_log(step + 1, stats)
     return history
+
+
+TrainConfig = PriorTrainConfig
+MODEL = Prior
+CURVES = ("loss", "acc")

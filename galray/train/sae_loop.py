@@ -1,15 +1,17 @@
-"""Pure-torch SAE training: optimizer, LR schedule, one reusable step, and a simple loop.
+"""Pure-torch SAE training (the loop face of :mod:`galray.train.loop`): optimizer, LR schedule, one
+reusable step, the validation pass, and a single-process loop.
 
-No ray or mlflow here. A distributed wrapper (Ray Train / DDP) builds the optimizer with
-``make_optimizer``/``make_scheduler`` and calls ``sae_train_step`` per batch; the SAE all-reduces
-its own threshold and dead-latent statistics when torch.distributed is initialised.
+No ray or mlflow here. The Ray Train worker wraps the model in DDP, builds the optimizer with
+``make_optimizer``, sets ``lr_at(step)`` and calls ``train_step`` per batch (``{"x": (B, D)}``);
+the SAE all-reduces its own threshold and dead-latent statistics when torch.distributed is
+initialised.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -17,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from galray.config import check
-from galray.models.sae import SparseAutoencoder
+from galray.models.sae import SparseAutoencoder, evaluate_sae
+from galray.train.loop import Evaluation, repeat, set_lr, unwrap
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class SAETrainConfig:
     min_lr_frac: float = 0.0
     """Final learning rate as a fraction of ``lr``."""
     seed: int = 0
-    """Seed of the shuffling."""
+    """Seed of the shuffling (single-process ``train``) and of the step's randomness (none for the SAE)."""
     log_every: int = 100
     """Steps between history entries (and log_fn calls); the last step is always logged."""
     preset: str = "galray"
@@ -115,36 +118,47 @@ def make_optimizer(model: nn.Module, cfg: SAETrainConfig) -> torch.optim.Optimiz
     return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, **kw)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: SAETrainConfig, total_steps: int
-                   ) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))
+def lr_at(step: int, cfg: SAETrainConfig) -> float:
+    """Learning rate of ``step`` (0-based) of ``cfg.steps``: ``cfg.lr`` times the schedule's factor."""
+    if cfg.steps is None:
+        raise ValueError("lr_at needs SAETrainConfig.steps (train() resolves it from epochs)")
+    return cfg.lr * lr_factor(step, cfg.steps, cfg)
 
 
-def _unwrap(model: nn.Module) -> SparseAutoencoder:
-    """The SAE inside a DDP (or similar ``.module``) wrapper."""
-    return getattr(model, "module", model)
-
-
-def sae_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch_BD: Tensor,
-                   grad_clip: float | None = None,
-                   scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> dict[str, Tensor]:
-    """One step: forward, backward, remove decoder-parallel gradient, clip, step, renormalise decoder.
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping[str, Tensor], cfg: SAETrainConfig,
+               generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """One step on ``batch["x"]`` (B, D): forward, backward, remove decoder-parallel gradient, clip,
+    step, renormalise decoder.
 
     ``model`` may be the SAE or a DDP wrapper of it. Returns detached scalar tensors (no host sync).
+    The SAE step draws no random numbers: ``generator`` is unused.
     """
-    sae = _unwrap(model)
+    sae: SparseAutoencoder = unwrap(model)
     optimizer.zero_grad(set_to_none=True)
-    out = model(batch_BD)
+    out = model(batch["x"].float())
     out.loss.backward()
     sae.remove_parallel_grad()
-    if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     sae.normalize_decoder()
-    if scheduler is not None:
-        scheduler.step()
     return {"loss": out.loss.detach(), "fvu": out.fvu, "recon_loss": out.recon_loss, "l1": out.l1,
             "aux_loss": out.aux_loss, "l0": out.l0, "dead_frac": out.dead_frac}
+
+
+def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], max_rows: int = 0) -> Evaluation:
+    """FVU, mean L0 and dead fraction on the first ``max_rows`` (0: all) validation rows, and the
+    feature-density histogram (:func:`galray.models.sae.evaluate_sae`)."""
+    sae: SparseAutoencoder = unwrap(model)
+    xs = [b["x"].float() for b in batches]
+    if not xs:
+        return Evaluation({}, {})
+    rep = evaluate_sae(sae, torch.cat(xs)[: max_rows or None])
+    metrics = {f"val_{k}": float(rep[k]) for k in ("fvu", "l0_mean", "dead_frac")}
+    return Evaluation(metrics, {"density_log10_hist": rep["density_log10_hist"],
+                                "density_log10_edges": rep["density_log10_edges"], "n_samples": rep["n_samples"],
+                                "n_latents": sae.cfg.n_latents, "fvu_prefix": rep["fvu_prefix"],
+                                "prefix_sizes": rep["prefix_sizes"]})
 
 
 def _as_batch(item: Any) -> Tensor:
@@ -152,9 +166,9 @@ def _as_batch(item: Any) -> Tensor:
     return item[0] if isinstance(item, (list, tuple)) else item
 
 
-def train_sae(model: nn.Module, x_train: Tensor | Iterable[Tensor], cfg: SAETrainConfig,
-              log_fn: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
-    """Train ``model`` and return its history (one dict per ``log_every`` steps, plus the last).
+def train(model: nn.Module, x_train: Tensor | Iterable[Tensor], cfg: SAETrainConfig,
+          on_log: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+    """Train ``model`` in this process and return its history (one dict per ``log_every`` steps, plus the last).
 
     ``x_train`` is either an (N, D) tensor of raw embeddings (shuffled each epoch, last partial batch
     dropped so BatchTopK always sees ``batch_size`` rows) or an iterable of (B, D) batches. With a
@@ -162,7 +176,7 @@ def train_sae(model: nn.Module, x_train: Tensor | Iterable[Tensor], cfg: SAETrai
     model must already be fitted (``fit_normalization`` + ``init_from_sample`` on a training sample).
     The model is left in eval mode, so ``encode`` then uses the trained threshold.
     """
-    sae = _unwrap(model)
+    sae: SparseAutoencoder = unwrap(model)
     dev = sae.W_dec_FD.device
     gen = torch.Generator().manual_seed(cfg.seed)
     if isinstance(x_train, Tensor):
@@ -175,14 +189,14 @@ def train_sae(model: nn.Module, x_train: Tensor | Iterable[Tensor], cfg: SAETrai
         per_epoch = n // bs
         total = cfg.steps or max(1, int(round(cfg.epochs * per_epoch)))
 
-        def batches() -> Iterable[Tensor]:
+        def batches() -> Iterator[Tensor]:
             while True:
                 perm = torch.randperm(n, generator=gen)
                 for i in range(per_epoch):
                     yield x_train[perm[i * bs:(i + 1) * bs]]
     else:
         if not bool(sae.norm_fitted):
-            raise ValueError("train_sae with an iterable of batches needs a fitted model: call "
+            raise ValueError("train with an iterable of batches needs a fitted model: call "
                              "model.fit_normalization(x_sample) and model.init_from_sample(x_sample) first")
         if cfg.steps is not None:
             total = cfg.steps
@@ -192,17 +206,11 @@ def train_sae(model: nn.Module, x_train: Tensor | Iterable[Tensor], cfg: SAETrai
             raise ValueError("an unsized iterable of batches needs SAETrainConfig.steps")
         source = x_train
 
-        def batches() -> Iterable[Tensor]:
-            while True:
-                empty = True
-                for item in source:
-                    empty = False
-                    yield _as_batch(item)
-                if empty:
-                    raise ValueError("x_train yielded no batches")
+        def batches() -> Iterator[Tensor]:
+            return (_as_batch(item) for item in repeat(source))
 
+    cfg = replace(cfg, steps=total)
     optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, total)
     model.train()
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
@@ -210,8 +218,9 @@ def train_sae(model: nn.Module, x_train: Tensor | Iterable[Tensor], cfg: SAETrai
     it = iter(batches())
     for step in range(total):
         batch = next(it).to(dev, non_blocking=True)
-        lr = optimizer.param_groups[0]["lr"]
-        stats = sae_train_step(model, optimizer, batch, cfg.grad_clip, scheduler)
+        lr = lr_at(step, cfg)
+        set_lr(optimizer, lr)
+        stats = train_step(model, optimizer, {"x": batch}, cfg)
         seen += batch.shape[0]
         if (step + 1) % cfg.log_every == 0 or step + 1 == total:
             elapsed = time.perf_counter() - t0
@@ -219,7 +228,12 @@ def train_sae(model: nn.Module, x_train: Tensor | Iterable[Tensor], cfg: SAETrai
                    "samples_per_s": seen / max(elapsed, 1e-9), "threshold": float(sae.threshold),
                    **{k: float(v) for k, v in stats.items()}}
             history.append(row)
-            if log_fn is not None:
-                log_fn(row)
+            if on_log is not None:
+                on_log(step + 1, row)
     model.eval()
     return history
+
+
+TrainConfig = SAETrainConfig
+MODEL = SparseAutoencoder
+CURVES = ("loss", "fvu", "aux_loss", "l0")

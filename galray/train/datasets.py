@@ -1,0 +1,237 @@
+"""The training data of each kind, built on the driver as Ray Datasets, and what the driver learns from it.
+
+:func:`build_datasets` reads the input store of ``job.kind`` (one builder per kind in
+``BUILDERS``) into a train and a validation split, chosen by ``crc32(object_id)`` (the same object
+is always on the same side, whatever the shard layout), as the batch dicts the kind's loop takes:
+
+- ``sae``: an embedding store -> ``{"x": (N, D) float32}``; the driver also fits the normalisation
+  and the geometric-median ``b_pre`` once on the first training rows, so every rank starts identical;
+- ``vqvae``: a cutout store -> ``{"pixels": (N, C, S, S)}``, the preprocessing of `galray embed` and
+  `galray encode` (:mod:`galray.data.preprocess`) at the VQ-VAE's size;
+- ``prior``: a code store -> ``{"codes": (N, T) int64, "label": (N,) int64}``, checked against the
+  prior's sequence length, vocabulary and classes first.
+
+The batch functions run in Ray Data tasks; Ray is imported inside functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from galray.config import ConfigError
+from galray.data.cutouts import CutoutError
+from galray.data.preprocess import ImagePlan, plan_for, prepare_image
+from galray.data.shards import ID_COLUMN, read_metadata
+from galray.data.stores import CODES_COLUMN, EMBEDDING_COLUMN, LABEL_COLUMN, list_column_values
+from galray.models.prior import PriorConfig
+from galray.models.sae import SAEConfig
+from galray.models.vqvae import VQVAEConfig
+from galray.storage import StorageConfig
+from galray.train.config import TrainJob
+
+if TYPE_CHECKING:
+    import ray.data
+
+ModelConfig = SAEConfig | VQVAEConfig | PriorConfig
+Splits = dict[str, "ray.data.Dataset"]
+
+
+class PreparedData(NamedTuple):
+    """What :func:`build_datasets` gives the workers."""
+
+    datasets: Splits
+    """{"train": Dataset, "val": Dataset} of the kind's batch dicts."""
+    model_config: ModelConfig
+    """The model config as run (the SAE's d_in comes from the store)."""
+    init_state: dict[str, np.ndarray]
+    """Parameters and buffers every rank starts from (the SAE's normalisation and b_pre); {} for the others."""
+
+
+# --- the validation split --------------------------------------------------------------------------
+
+def is_val(object_ids: Sequence[Any], fraction: float) -> np.ndarray:
+    """(N,) bool: True for objects in the validation split, ``crc32(object_id) < fraction * 2**32``."""
+    if fraction <= 0:
+        return np.zeros(len(object_ids), dtype=bool)
+    h = np.fromiter((zlib.crc32(str(i).encode()) for i in object_ids), dtype=np.uint64, count=len(object_ids))
+    return h < np.uint64(int(fraction * 2**32))
+
+
+def _keep(ids: Sequence[Any], split: str, fraction: float) -> np.ndarray:
+    val = is_val(ids, fraction)
+    return val if split == "val" else ~val
+
+
+# --- Ray Data batch functions (run in Ray Data tasks) ----------------------------------------------
+
+def sae_batch(table: pa.Table, split: str, val_fraction: float) -> dict[str, np.ndarray]:
+    """Embedding store rows of one split -> {"x": (N, D) float32}."""
+    keep = _keep(table.column(ID_COLUMN).to_pylist(), split, val_fraction)
+    return {"x": np.ascontiguousarray(list_column_values(table.column(EMBEDDING_COLUMN))[keep], dtype=np.float32)}
+
+
+def prior_batch(table: pa.Table, split: str, val_fraction: float, num_classes: int) -> dict[str, np.ndarray]:
+    """Code store rows -> {"codes": (N, T) int64, "label": (N,) int64}; labels < 0 become the null class."""
+    keep = _keep(table.column(ID_COLUMN).to_pylist(), split, val_fraction)
+    codes = list_column_values(table.column(CODES_COLUMN))[keep].astype(np.int64)
+    if LABEL_COLUMN in table.column_names:
+        labels = np.asarray(table.column(LABEL_COLUMN).to_numpy(zero_copy_only=False), dtype=np.int64)[keep]
+    else:
+        labels = np.full(len(codes), -1, np.int64)
+    return {"codes": codes, "label": np.where(labels < 0, num_classes, labels)}
+
+
+def vqvae_batch(batch: dict[str, np.ndarray], split: str, val_fraction: float, plan: ImagePlan
+                ) -> dict[str, np.ndarray]:
+    """Cutout rows -> {"pixels": (N, C, S, S)}: `galray embed`'s preprocessing at the VQ-VAE's size.
+    Rows whose image cannot be used (CutoutError) are left out."""
+
+    keep = np.flatnonzero(_keep(list(batch[ID_COLUMN]), split, val_fraction))
+    images = batch[plan.column]
+    out = []
+    for i in keep:
+        try:
+            out.append(prepare_image(images[i], plan))
+        except CutoutError:
+            pass
+    shape = (0, plan.in_chans, plan.size, plan.size)
+    return {"pixels": np.stack(out) if out else np.zeros(shape, plan.pixel_dtype)}
+
+
+# --- driver-side preparation per kind --------------------------------------------------------------
+
+def _shards(job: TrainJob, storage: StorageConfig) -> tuple[pafs.FileSystem, list[str]]:
+    from galray.data.store import shard_paths
+
+    return shard_paths(job.data, storage)
+
+
+def _sae_init(job: TrainJob, storage: StorageConfig) -> tuple[SAEConfig, dict[str, np.ndarray]]:
+    """The SAE config (d_in from the store) and the normalisation + b_pre fitted on the first
+    ``sae.norm_samples`` training rows."""
+    import torch
+
+    from galray.models.sae import SparseAutoencoder
+
+    fs, paths = _shards(job, storage)
+    field_type = pq.read_schema(paths[0], filesystem=fs).field(EMBEDDING_COLUMN).type
+    if not pa.types.is_fixed_size_list(field_type):
+        raise ConfigError("data", f"{job.data}: column {EMBEDDING_COLUMN!r} is {field_type}, expected a fixed-size "
+                                  f"list of float32 (an embedding store from `galray embed`)")
+    d_in = field_type.list_size
+    parts, n = [], 0
+    for path in paths:
+        table = pq.read_table(path, filesystem=fs, columns=[ID_COLUMN, EMBEDDING_COLUMN])
+        x = sae_batch(table, "train", job.val_fraction)["x"]
+        parts.append(x)
+        n += len(x)
+        if n >= job.sae.norm_samples:
+            break
+    if n < 2:
+        raise ConfigError("data", f"{job.data} has fewer than 2 training rows")
+    sample = torch.from_numpy(np.concatenate(parts)[: job.sae.norm_samples])
+    cfg = job.sae.model_config(d_in)
+    model = SparseAutoencoder(cfg)
+    model.fit_normalization(sample)
+    model.init_from_sample(sample)
+    names = ("norm_mean_D", "norm_std_D", "norm_fitted", "b_pre_D")
+    state = model.state_dict()
+    return cfg, {k: state[k].numpy() for k in names}
+
+
+def _image_plan(job: TrainJob, storage: StorageConfig) -> ImagePlan:
+    fs, paths = _shards(job, storage)
+    m = job.vqvae.model
+    return plan_for(pq.read_schema(paths[0], filesystem=fs), m.image_size, m.in_channels)
+
+
+def _check_codes(job: TrainJob, storage: StorageConfig) -> None:
+    """The code store must match the prior: grid length, codebook size, labels in range."""
+    fs, paths = _shards(job, storage)
+    schema = pq.read_schema(paths[0], filesystem=fs)
+    if CODES_COLUMN not in schema.names:
+        raise ConfigError("data", f"{job.data} has no {CODES_COLUMN!r} column: make a code store with `galray encode`")
+    meta = read_metadata(schema)
+    m = job.prior.model
+    length = schema.field(CODES_COLUMN).type.list_size
+    if length != m.seq_len:
+        raise ConfigError("prior.model.seq_len", f"is {m.seq_len} but the code store has {length} codes per object "
+                                                 f"(grid {meta.get('grid')})")
+    if "codebook_size" in meta and int(meta["codebook_size"]) != m.vocab_size:
+        raise ConfigError("prior.model.vocab_size", f"is {m.vocab_size} but the codes come from a codebook of "
+                                                    f"{meta['codebook_size']}")
+    if LABEL_COLUMN in schema.names:
+        top = max((pq.read_table(p, filesystem=fs, columns=[LABEL_COLUMN]).column(LABEL_COLUMN).to_numpy().max(
+            initial=-1) for p in paths), default=-1)
+        if top >= m.num_classes:
+            raise ConfigError("prior.model.num_classes", f"is {m.num_classes} but the store has label {top}")
+
+
+@contextlib.contextmanager
+def _quiet_data() -> Iterator[None]:
+    """Datasets copy the current DataContext when created: these get no progress bars (their
+    executions run inside the training workers, where bars would interleave with the logs)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars, ctx.print_on_execution_start
+    ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+
+
+def _sae_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelConfig, dict[str, np.ndarray]]:
+    from galray.data.store import read_store
+
+    cfg, init_state = _sae_init(job, storage)
+    ds = read_store(job.data, storage, columns=[ID_COLUMN, EMBEDDING_COLUMN])
+    return ({split: ds.map_batches(sae_batch, fn_kwargs={"split": split, "val_fraction": job.val_fraction},
+                                   batch_format="pyarrow", zero_copy_batch=True) for split in ("train", "val")},
+            cfg, init_state)
+
+
+def _prior_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelConfig, dict[str, np.ndarray]]:
+    from galray.data.store import read_store
+
+    _check_codes(job, storage)
+    fs, paths = _shards(job, storage)
+    cols = [ID_COLUMN, CODES_COLUMN] + ([LABEL_COLUMN] if LABEL_COLUMN in pq.read_schema(
+        paths[0], filesystem=fs).names else [])
+    ds = read_store(job.data, storage, columns=cols)
+    return ({split: ds.map_batches(prior_batch, fn_kwargs={
+        "split": split, "val_fraction": job.val_fraction, "num_classes": job.prior.model.num_classes},
+        batch_format="pyarrow", zero_copy_batch=True) for split in ("train", "val")}, job.prior.model, {})
+
+
+def _vqvae_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelConfig, dict[str, np.ndarray]]:
+    from galray.data.store import read_store
+
+    plan = _image_plan(job, storage)
+    ds = read_store(job.data, storage, columns=[ID_COLUMN, plan.column])
+    return ({split: ds.map_batches(vqvae_batch, fn_kwargs={
+        "split": split, "val_fraction": job.val_fraction, "plan": plan}, batch_format="numpy")
+        for split in ("train", "val")}, job.vqvae.model, {})
+
+
+BUILDERS: dict[str, Callable[[TrainJob, StorageConfig], tuple[Splits, ModelConfig, dict[str, np.ndarray]]]] = {
+    "sae": _sae_data, "vqvae": _vqvae_data, "prior": _prior_data}
+
+
+def build_datasets(job: TrainJob, storage: StorageConfig) -> PreparedData:
+    """The kind's train and validation splits (materialised in the object store with ``job.materialize``;
+    the training split in a seeded random block order), its model config and initial state."""
+    with _quiet_data():
+        splits, model_config, init_state = BUILDERS[job.kind](job, storage)
+        if job.materialize:
+            splits = {k: v.materialize() for k, v in splits.items()}
+        splits["train"] = splits["train"].randomize_block_order(seed=job.seed)
+    return PreparedData(splits, model_config, init_state)
