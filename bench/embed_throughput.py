@@ -252,15 +252,18 @@ def tree_sample(root_pid: int, cpu_prefix: str = REPLICA_CMDLINE) -> tuple[int, 
 def pipeline_child(store: str, out: str, batch: int, replicas: int, threads: int, compile: bool) -> None:
     """Embed ``store`` in this process's own local Ray; a START line on stdout as the job starts, a RESULT line after."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from galray.models.backbone_config import BackboneConfig
     from galray.stages.embed import EmbedJob, embed_store
+    from galray.stages.pool import ActorPoolConfig
     from galray.session import ensure_ray
     from galray.tracking import TrackingConfig
 
     cpus = os.cpu_count() or 1
     ensure_ray(num_cpus=cpus)
-    job = EmbedJob(input=store, output=out, model=MODEL, pretrained=False, batch_size=batch, actors=replicas,
-                   torch_threads=threads, cpus_per_actor=(cpus - PREPROCESS_CPUS) / replicas,
-                   preprocess_cpus=PREPROCESS_CPUS, compile=compile, tracking=TrackingConfig(enabled=False))
+    job = EmbedJob(input=store, output=out, backbone=BackboneConfig(MODEL, pretrained=False), batch_size=batch,
+                   pool=ActorPoolConfig(actors=replicas, cpus_per_actor=(cpus - PREPROCESS_CPUS) / replicas),
+                   torch_threads=threads, preprocess_cpus=PREPROCESS_CPUS, compile=compile,
+                   tracking=TrackingConfig(enabled=False))
     print("START", flush=True)
     t0 = time.perf_counter()
     summary = embed_store(job)

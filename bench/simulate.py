@@ -35,11 +35,11 @@ def serial_rate(size: int, n: int) -> float:
 
 def pipeline_rate(size: int, n: int, shard_rows: int, workdir: Path) -> float:
     out = workdir / f"sim{size}"
-    job = SimulateJob(out=str(out), n=n, shard_rows=shard_rows, sim=SimConfig(size=size, seed=0))
+    job = SimulateJob(output=str(out), n=n, shard_rows=shard_rows, sim=SimConfig(size=size, seed=0))
     t0 = time.perf_counter()
     summary = simulate_survey(job)
     seconds = time.perf_counter() - t0
-    assert summary["rendered"] == n
+    assert summary.rendered == n
     shutil.rmtree(out)
     return n / seconds
 

@@ -66,6 +66,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             if type(None) in args:
                 return None
             raise ConfigError(path, "must not be null")
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error names the field and the problem
+            return _convert(value, options[0], path)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -185,6 +188,8 @@ def field_spec(cls: type, dotted: str) -> tuple[Any, Any]:
     *parents, last = dotted.split(".")
     for name in parents:
         cls = get_type_hints(cls)[name]
+        if get_origin(cls) in (Union, types.UnionType):  # an optional section: its own class
+            cls = next(a for a in get_args(cls) if a is not type(None))
     f = {f.name: f for f in dataclasses.fields(cls)}[last]
     default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
     return get_type_hints(cls)[last], default

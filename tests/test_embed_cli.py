@@ -7,7 +7,6 @@ from conftest import run_cli
 
 from galray.data.shards import make_table, shard_name, write_table
 from galray.data.galsim_survey import SimConfig, render_batch
-from galray.stages.simulate import image_spec
 from galray.storage import arrow_filesystem
 
 
@@ -16,7 +15,7 @@ def test_cli_embed_writes_one_file_per_shard_and_refuses_missing_gpus(tmp_path):
     fs, root = arrow_filesystem(str(tmp_path / "cutouts"))
     for s in range(2):
         cols = render_batch(range(6 * s, 6 * s + 6), sim)
-        write_table(make_table(cols, image_spec(sim)), fs, f"{root}/{shard_name(s)}")
+        write_table(make_table(cols, sim.image_spec()), fs, f"{root}/{shard_name(s)}")
     out = tmp_path / "emb"
     args = ["embed", "--input", str(tmp_path / "cutouts"), "--output", str(out), "--model", "test_convnext",
             "--random-init", "--input-size", "32", "--batch-size", "4", "--actors", "1"]

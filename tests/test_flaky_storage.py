@@ -17,7 +17,9 @@ import pytest
 from flaky_proxy import FAULT_KINDS, FaultPlan, FlakyProxy
 
 from galray.data.shards import ERRORS_DIR, ImageSpec, list_parquet, make_table, shard_name, write_table
+from galray.models.backbone_config import BackboneConfig
 from galray.stages.embed import EmbedJob, embed_store
+from galray.stages.pool import ActorPoolConfig
 from galray.storage import StorageConfig, StorageError, arrow_filesystem
 
 SIZE = 32
@@ -84,8 +86,8 @@ def test_embed_through_flaky_storage_writes_every_row_exactly_once(s3_server, pr
     shards = _write_store(src, _storage(s3_server.endpoint, 1), shards=3, rows=8)  # direct, no faults
 
     def job(max_attempts: int) -> EmbedJob:
-        return EmbedJob(input=src, output=dst, model=MODEL, pretrained=False, input_size=SIZE, batch_size=4,
-                        actors=1, storage=_storage(proxy.url, max_attempts))
+        return EmbedJob(input=src, output=dst, backbone=BackboneConfig(MODEL, pretrained=False, input_size=SIZE),
+                        batch_size=4, pool=ActorPoolConfig(actors=1), storage=_storage(proxy.url, max_attempts))
 
     ctx = DataContext.get_current()
     saved = ctx.retried_io_errors

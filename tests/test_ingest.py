@@ -176,7 +176,7 @@ def test_ingest_roundtrip(fmt, where, tmp_path, ray_session, request):
         src = upload(src, server, bucket, "in")
         catalog = upload(Path(catalog), server, bucket, "meta") if catalog else None
         out = f"s3://{bucket}/store"
-    job = IngestJob(format=fmt, src=str(src), out=out, catalog=catalog, id_column="id" if catalog else None,
+    job = IngestJob(format=fmt, input=str(src), output=out, catalog=catalog, id_column="id" if catalog else None,
                     shard_rows=3)
     summary = ingest(job)
     assert (summary.rows_in, summary.rows_out, summary.rows_errored) == (len(expected), len(expected), 0)
@@ -201,7 +201,7 @@ def test_ingest_roundtrip(fmt, where, tmp_path, ray_session, request):
 
 def test_images_crop_resize_policy_matches_direct_call(tmp_path, ray_session):
     expected = make_image_folder(tmp_path / "in")
-    job = IngestJob(format="images", src=str(tmp_path / "in"), out=str(tmp_path / "store"),
+    job = IngestJob(format="images", input=str(tmp_path / "in"), output=str(tmp_path / "store"),
                     cutout=CutoutPolicy(size=16, crop_fraction=0.75))
     ingest(job)
     rows, _, schema = read_back(str(tmp_path / "store"))
@@ -214,7 +214,7 @@ def test_images_crop_resize_policy_matches_direct_call(tmp_path, ray_session):
 def test_fits_rgb_mode_matches_flux_to_rgb(tmp_path, ray_session):
     expected = make_fits_folder(tmp_path / "in")
     stretch = StretchConfig(lower_percentile=1.0, upper_percentile=99.0, nonlinearity=5.0)
-    ingest(IngestJob(format="fits", src=str(tmp_path / "in"), out=str(tmp_path / "store"),
+    ingest(IngestJob(format="fits", input=str(tmp_path / "in"), output=str(tmp_path / "store"),
                      fits=FitsConfig(mode="rgb", stretch=stretch)))
     rows, _, schema = read_back(str(tmp_path / "store"))
     spec = spec_from_schema(schema)
@@ -250,7 +250,7 @@ def test_corrupt_images_go_to_errors_with_reasons(tmp_path, ray_session):
         (src / name).write_bytes(data)
     (src / "sub" / "good0.png").write_bytes(encode_png(_galaxy(rng)))  # same id as good0: the later path loses
     out = str(tmp_path / "store")
-    summary = ingest(IngestJob(format="images", src=str(src), out=out, shard_rows=3))
+    summary = ingest(IngestJob(format="images", input=str(src), output=out, shard_rows=3))
     n_in = len(good) + len(bad) + 1
     assert (summary.rows_in, summary.rows_out, summary.rows_errored) == (n_in, len(good), len(bad) + 1)
     line = summary.format()
@@ -292,7 +292,7 @@ def test_corrupt_fits_go_to_errors_with_reasons(tmp_path, ray_session):
     for oid, data in bad.items():
         (src / f"{oid}.fits").write_bytes(data)
     (src / "z" / "ok1.fits").write_bytes(good_bytes)  # duplicate id
-    summary = ingest(IngestJob(format="fits", src=str(src), out=str(tmp_path / "store"), shard_rows=2))
+    summary = ingest(IngestJob(format="fits", input=str(src), output=str(tmp_path / "store"), shard_rows=2))
     assert (summary.rows_in, summary.rows_out, summary.rows_errored) == (9, 3, 6)
     rows, errors, _ = read_back(str(tmp_path / "store"))
     assert set(rows) == set(good)
@@ -318,7 +318,7 @@ def test_gz_parquet_duplicate_and_bad_rows(tmp_path, ray_session):
                       "id_str": ["x0", "x1", "x2", None], GZ_LABEL: [0.1, 0.2, 0.3, 0.4]})
     pq.write_table(table, src / "a.parquet", row_group_size=2)
     pq.write_table(table.slice(0, 1), src / "b.parquet")  # x0 again, in a later file
-    summary = ingest(IngestJob(format="gz-parquet", src=str(src), out=str(tmp_path / "store"), shard_rows=2))
+    summary = ingest(IngestJob(format="gz-parquet", input=str(src), output=str(tmp_path / "store"), shard_rows=2))
     assert (summary.rows_in, summary.rows_out, summary.rows_errored) == (5, 1, 4)
     rows, errors, _ = read_back(str(tmp_path / "store"))
     assert set(rows) == {"x0"} and rows["x0"][GZ_LABEL] == 0.1
@@ -332,19 +332,22 @@ def test_gz_parquet_duplicate_and_bad_rows(tmp_path, ray_session):
 def test_rerun_skips_finished_shards_and_overwrite_is_deterministic(tmp_path, ray_session):
     make_galaxy10(tmp_path / "g10.h5", n=7)
     out = tmp_path / "store"
-    job = IngestJob(format="galaxy10-h5", src=str(tmp_path / "g10.h5"), out=str(out), shard_rows=3)
+    job = IngestJob(format="galaxy10-h5", input=str(tmp_path / "g10.h5"), output=str(out), shard_rows=3)
     first = ingest(job)
     shards = sorted(p.name for p in out.glob("shard-*.parquet"))
     assert shards == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
     before = {p: (out / p).read_bytes() for p in shards}
     (out / shards[1]).unlink()  # as if the run had been interrupted
+    written = yaml.safe_load((out / CONFIG_NAME).read_text())  # as the previous release wrote it: src, out
+    written["src"], written["out"] = written.pop("input"), written.pop("output")
+    (out / CONFIG_NAME).write_text(yaml.safe_dump(written))
     again = ingest(job)
     assert again.skipped_shards == 2 and (again.rows_in, again.rows_out) == (first.rows_in, first.rows_out)
     assert {p: (out / p).read_bytes() for p in shards} == before  # the redone shard is byte-identical
     with pytest.raises(ConfigError, match="other settings"):
-        ingest(IngestJob(format="galaxy10-h5", src=str(tmp_path / "g10.h5"), out=str(out), shard_rows=3,
+        ingest(IngestJob(format="galaxy10-h5", input=str(tmp_path / "g10.h5"), output=str(out), shard_rows=3,
                          cutout=CutoutPolicy(size=16)))
-    redo = ingest(IngestJob(format="galaxy10-h5", src=str(tmp_path / "g10.h5"), out=str(out), shard_rows=3,
+    redo = ingest(IngestJob(format="galaxy10-h5", input=str(tmp_path / "g10.h5"), output=str(out), shard_rows=3,
                             cutout=CutoutPolicy(size=16), overwrite=True))
     assert redo.skipped_shards == 0 and redo.rows_out == 7
     assert spec_from_schema(pq.read_schema(out / shards[0])).shape == (16, 16, 3)
@@ -352,7 +355,7 @@ def test_rerun_skips_finished_shards_and_overwrite_is_deterministic(tmp_path, ra
 
 def test_info_shows_label_counts(tmp_path, ray_session):
     expected = make_galaxy10(tmp_path / "g10.h5", n=12)
-    ingest(IngestJob(format="galaxy10-h5", src=str(tmp_path / "g10.h5"), out=str(tmp_path / "g10")))
+    ingest(IngestJob(format="galaxy10-h5", input=str(tmp_path / "g10.h5"), output=str(tmp_path / "g10")))
     s = store_summary(str(tmp_path / "g10"))
     want = {}
     for row in expected.values():
@@ -360,7 +363,7 @@ def test_info_shows_label_counts(tmp_path, ray_session):
     assert s.label_counts["class_name"] == want and sum(s.label_counts["label"].values()) == 12
     assert s.metadata["class_names"] == list(GALAXY10_CLASSES)
     make_image_folder(tmp_path / "img" / "in")
-    ingest(IngestJob(format="images", src=str(tmp_path / "img" / "in"), out=str(tmp_path / "imgstore"),
+    ingest(IngestJob(format="images", input=str(tmp_path / "img" / "in"), output=str(tmp_path / "imgstore"),
                      catalog=str(tmp_path / "img" / "catalog.csv"), id_column="id"))
     s = store_summary(str(tmp_path / "imgstore"))
     assert s.label_counts["morph"] == {"featured": 2, "smooth": 3} and "p_smooth" in s.columns
@@ -371,8 +374,8 @@ def test_bad_catalog_is_a_config_error(tmp_path, ray_session):
     make_image_folder(tmp_path / "in")
     (tmp_path / "dup.csv").write_text("id,x\nJ0000,1\nJ0000,2\n")
     with pytest.raises(ConfigError, match="duplicate ids"):
-        ingest(IngestJob(format="images", src=str(tmp_path / "in"), out=str(tmp_path / "s"),
+        ingest(IngestJob(format="images", input=str(tmp_path / "in"), output=str(tmp_path / "s"),
                          catalog=str(tmp_path / "dup.csv"), id_column="id"))
     with pytest.raises(ConfigError, match="no column 'nope'"):
-        ingest(IngestJob(format="images", src=str(tmp_path / "in"), out=str(tmp_path / "s"),
+        ingest(IngestJob(format="images", input=str(tmp_path / "in"), output=str(tmp_path / "s"),
                          catalog=str(tmp_path / "catalog.csv"), id_column="nope"))

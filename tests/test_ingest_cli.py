@@ -1,4 +1,5 @@
-"""`galray ingest` as a user runs it: corrupt files in the input, exit 0, a summary line with the counts."""
+"""`galray ingest` as a user runs it: corrupt files in the input, exit 0, a summary line with the counts
+(with the previous release's --out, which still works)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def test_cli_ingest_images_with_corrupt_files(tmp_path):
                    "--catalog", str(src / "catalog.csv"), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "5 rows in, 3 out, 2 errored" in proc.stdout
+    assert "--out is deprecated" in proc.stderr and "use --output" in proc.stderr  # the old spelling still works
     info = run_cli("info", str(out), timeout=60)
     assert info.returncode == 0 and "3 in" in info.stdout and "spiral: 2" in info.stdout
     assert "errors   2 row(s)" in info.stdout

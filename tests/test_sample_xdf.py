@@ -48,7 +48,7 @@ def test_cutout_pads_at_the_edge():
 def test_cli_sample_xdf_to_s3_with_aws_variables(s3_server):
     bucket = s3_server.new_bucket()
     uri = f"s3://{bucket}/xdf"
-    proc = run_cli("sample", "xdf", "--out", uri, "--size", "32", env=s3_server.env(), timeout=120)
+    proc = run_cli("sample", "xdf", "--output", uri, "--size", "32", env=s3_server.env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "real galaxies" in proc.stdout
     storage = StorageConfig(endpoint_url=s3_server.endpoint, access_key_id="testing", secret_access_key="testing")

@@ -21,10 +21,10 @@ def _digests(folder) -> dict[str, str]:
 def test_same_seed_same_bytes_and_resume(tmp_path, ray_session):
     sim = SimConfig(size=32, seed=7)
     a, b = tmp_path / "a", tmp_path / "b"
-    sa = simulate_survey(SimulateJob(out=str(a), n=50, shard_rows=20, sim=sim))
+    sa = simulate_survey(SimulateJob(output=str(a), n=50, shard_rows=20, sim=sim))
     # different sharding must not change the galaxies, only how they are split
-    simulate_survey(SimulateJob(out=str(b), n=50, shard_rows=20, sim=sim))
-    assert sa["shards"] == 3 and sa["rendered"] == 50
+    simulate_survey(SimulateJob(output=str(b), n=50, shard_rows=20, sim=sim))
+    assert sa.shards == 3 and sa.rendered == 50
     assert _digests(a) == _digests(b) and len(_digests(a)) == 3
     # rows equal a direct render of the same indices
     table = pq.read_table(a / "shard-00001.parquet")
@@ -33,13 +33,13 @@ def test_same_seed_same_bytes_and_resume(tmp_path, ray_session):
     assert np.array_equal(images_from_table(table), direct["image"])
     # a different seed gives different galaxies
     c = tmp_path / "c"
-    simulate_survey(SimulateJob(out=str(c), n=50, shard_rows=20, sim=SimConfig(size=32, seed=8)))
+    simulate_survey(SimulateJob(output=str(c), n=50, shard_rows=20, sim=SimConfig(size=32, seed=8)))
     assert _digests(c) != _digests(a)
     # delete one shard: the rerun renders only it, and the store is as before
     before = _digests(a)
     (a / "shard-00001.parquet").unlink()
-    again = simulate_survey(SimulateJob(out=str(a), n=50, shard_rows=20, sim=sim))
-    assert again["rendered"] == 20 and again["skipped_shards"] == 2
+    again = simulate_survey(SimulateJob(output=str(a), n=50, shard_rows=20, sim=sim))
+    assert again.rendered == 20 and again.skipped_shards == 2
     assert _digests(a) == before
     summary = store_summary(str(a))
     assert summary.rows == 50 and summary.image.shape == (32, 32, 3)
@@ -51,7 +51,7 @@ def test_cli_simulate_to_s3_with_only_aws_variables(s3_server, tmp_path):
     bucket = s3_server.new_bucket()
     uri = f"s3://{bucket}/sim"
     preview = tmp_path / "montage.png"
-    proc = run_cli("simulate", "--n", "40", "--size", "32", "--seed", "3", "--out", uri, "--shard-rows", "20",
+    proc = run_cli("simulate", "--n", "40", "--size", "32", "--seed", "3", "--output", uri, "--shard-rows", "20",
                    "--preview", str(preview), env=s3_server.env(), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "simulated 40 galaxies" in proc.stdout
@@ -61,9 +61,9 @@ def test_cli_simulate_to_s3_with_only_aws_variables(s3_server, tmp_path):
 
 
 def test_cli_bad_config_names_the_field(tmp_path):
-    proc = run_cli("simulate", "--n", "10", "--out", str(tmp_path / "x"), "--set", "sim.sizee=3", timeout=60)
+    proc = run_cli("simulate", "--n", "10", "--output", str(tmp_path / "x"), "--set", "sim.sizee=3", timeout=60)
     assert proc.returncode == 2 and "sim.sizee" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli("simulate", "--n", "0", "--out", str(tmp_path / "x"), timeout=60)
+    proc = run_cli("simulate", "--n", "0", "--output", str(tmp_path / "x"), timeout=60)
     assert proc.returncode == 2 and "n:" in proc.stderr
     proc = run_cli("simulate", "--print-config", "--size", "48", timeout=60)
     assert proc.returncode == 0 and "size: 48" in proc.stdout

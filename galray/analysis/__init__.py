@@ -1,0 +1,1 @@
+"""Arrays in, figures out (matplotlib): class montages, training figures. Never imports Ray or MLflow."""

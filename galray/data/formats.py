@@ -309,7 +309,7 @@ def plan_units(fmt: str, src: str, storage: StorageConfig, shard_rows: int, id_c
         return Plan(units, len(paths))
     if fmt == "galaxy10-h5":
         if len(paths) > 1:
-            raise ConfigError("src", f"{src} holds {len(paths)} HDF5 files: pass the Galaxy10 file itself")
+            raise ConfigError("input", f"{src} holds {len(paths)} HDF5 files: pass the Galaxy10 file itself")
         n, shape, labels = h5_layout(src, paths[0], storage)
         units = [Unit(index=u, rows=min(a + shard_rows, n) - a, paths=(paths[0],), start=a, stop=min(a + shard_rows, n))
                  for u, a in enumerate(range(0, n, shard_rows))]

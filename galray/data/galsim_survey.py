@@ -92,6 +92,7 @@ import galsim
 import numpy as np
 
 from galray.config import check
+from galray.data.shards import ImageSpec
 
 CLASS_NAMES: tuple[str, ...] = (
     "smooth_round",
@@ -210,6 +211,11 @@ class SimConfig:
         check(1.0 <= self.pad_factor <= 4.0, "pad_factor", "must be in [1, 4]")
         check(0 < self.psf_k_threshold < 0.1, "psf_k_threshold", "must be in (0, 0.1)")
         check(self.seed >= 0, "seed", "must be >= 0")
+
+    def image_spec(self) -> ImageSpec:
+        """The store layout of simulated cutouts: uint8 HWC colour renderings, one channel per band."""
+        return ImageSpec(shape=(self.size, self.size, len(self.bands)), layout="HWC", dtype="uint8",
+                         bands=tuple(self.bands))
 
     def per_band(self, name: str) -> np.ndarray:
         """A per-band field as an array of len(bands) (a single value is broadcast)."""
@@ -822,12 +828,13 @@ def _background(ctx: _Ctx, cfg: SimConfig) -> tuple[int, int]:
 # Public API
 
 
-def flux_to_rgb(flux_BHW: np.ndarray, cfg: SimConfig) -> np.ndarray:
+def sdss_rgb(flux_BHW: np.ndarray, cfg: SimConfig) -> np.ndarray:
     """Arcsinh colour stretch of a (3, H, W) flux cube (bands blue to red) -> (H, W, 3) uint8.
 
     The Legacy Surveys' ``sdss_rgb`` (Lupton et al. 2004): each band is scaled, offset by m, and
     all three share one arcsinh stretch of their mean, which keeps colours. The stretch is fixed
-    (no per-image normalisation), so faint objects stay faint. The reddest band goes to R."""
+    (no per-image normalisation), so faint objects stay faint. The reddest band goes to R. (Stores of
+    real flux use the per-image percentile stretch of :func:`galray.data.cutouts.flux_to_rgb` instead.)"""
     scales = cfg.per_band("stretch_scales").astype(np.float32)[:, None, None]
     img = np.maximum(np.asarray(flux_BHW, np.float32) * scales + np.float32(cfg.stretch_m), 0)
     mean = img.mean(axis=0)  # (H, W)
@@ -868,7 +875,7 @@ def _render(index: int, cfg: SimConfig) -> tuple[np.ndarray, np.ndarray, dict]:
     flux = scene.render().astype(np.float32)
     noise = rng.standard_normal(flux.shape, dtype=np.float32)
     flux += noise * cfg.per_band("sky_noise").astype(np.float32)[:, None, None]
-    return flux_to_rgb(flux, cfg), flux, truth
+    return sdss_rgb(flux, cfg), flux, truth
 
 
 def warm_up(cfg: SimConfig) -> None:

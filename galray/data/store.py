@@ -6,7 +6,6 @@ Ray; the readers and writers it wires are plain pyarrow, so they also run in a s
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,7 +133,3 @@ def store_summary(uri: str, storage: StorageConfig | None = None) -> StoreSummar
 
 def errors_uri(uri: str) -> str:
     return join(uri, ERRORS_DIR)
-
-
-def dump_summary_json(summary: StoreSummary) -> str:
-    return json.dumps(summary.to_json(), indent=2, default=str)

@@ -19,7 +19,9 @@ their pretrained config's mean and std.
 Weights files load through safetensors, or ``torch.load(weights_only=True)`` for ``.pt``/``.bin``
 files: a pickle that would run code is refused with :class:`UnsafeWeightsError`.
 
-Pure torch + timm (see ARCHITECTURE.md): no Ray here.
+Pure torch + timm (see ARCHITECTURE.md): no Ray here. :class:`BackboneConfig` lives in
+:mod:`galray.models.backbone_config`, which imports neither, so a job config can hold one without
+loading torch (`galray embed`'s preprocessing workers never import torch).
 """
 
 from __future__ import annotations
@@ -29,19 +31,18 @@ import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import timm
 import torch
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from galray.config import ConfigError, check
+from galray.models.backbone_config import VQVAE_PREFIX, BackboneConfig, BackboneError
 
 __all__ = ["Backbone", "BackboneConfig", "BackboneError", "Preprocessing", "UnsafeWeightsError", "create_backbone",
            "embedding_dim", "file_sha256", "load_weights_file", "load_weights_into", "to_model_input"]
 
-VQVAE_PREFIX = "vqvae:"
 HF_PREFIXES = ("hf_hub:", "hf-hub:")
 LOCAL_DIR_PREFIX = "local-dir:"
 EUCLID_MAE_REPO = "mwalmsley/euclid_encoder_mae_zoobot_vit_small_patch8_224"
@@ -53,34 +54,8 @@ STRIP_PREFIXES = ("module.", "model.", "encoder.", "_orig_mod.")
 RANDOM_INIT_SEED = 0
 
 
-class BackboneError(ConfigError):
-    """The backbone cannot be built or its weights do not fit it; names the field (model or weights) to fix."""
-
-
 class UnsafeWeightsError(BackboneError):
     """A weights file is a pickle that would need arbitrary code to load; it is never unpickled."""
-
-
-@dataclass(frozen=True)
-class BackboneConfig:
-    """Which backbone to embed with, and where its weights come from."""
-
-    name: str = ""
-    """timm model name, ``hf_hub:owner/repo``, ``local-dir:/path``, a Zoobot/Euclid hub repo, or ``vqvae:/dir``."""
-    weights: str | None = None
-    """Local weights file (safetensors, or a tensor-only .pt/.bin); overrides ``pretrained``."""
-    pretrained: bool = True
-    """Download the pretrained weights from the hub when no ``weights`` file is given (False: random init)."""
-    input_size: int | None = None
-    """Input side in pixels; default: the model's native size (pretrained config, else 224)."""
-    normalization: Literal["auto", "model", "none"] = "auto"
-    """auto: Zoobot models get plain [0, 1], others their pretrained mean/std; model: always mean/std; none: [0, 1]."""
-
-    def __post_init__(self) -> None:
-        check(bool(self.name.strip()), "name", "a backbone name is required, e.g. convnext_nano")
-        check(self.input_size is None or self.input_size >= 8, "input_size", "must be at least 8 pixels")
-        if self.name.startswith(VQVAE_PREFIX):
-            check(len(self.name) > len(VQVAE_PREFIX), "name", "vqvae: needs a checkpoint folder, vqvae:/path/to/dir")
 
 
 @dataclass(frozen=True)

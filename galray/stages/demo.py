@@ -18,21 +18,29 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from galray.config import check, from_dict
 from galray.data.galsim_survey import SimConfig
 from galray.data.store import store_summary
-from galray.stages.simulate import SimulateJob, format_summary, simulate_survey
+from galray.stages.simulate import SimulateJob, simulate_survey
+from galray.stages.summary import FieldsSummary
 from galray.storage import StorageConfig, is_s3, join
 from galray.tracking import TrackingConfig
 
+if TYPE_CHECKING:
+    from galray.train.launch import TrainSummary
+
+STAGES = ("simulate", "vqvae", "embed", "sae", "prior", "generate")
+
 
 @dataclass(frozen=True)
-class DemoConfig:
+class DemoJob:
     """Settings of `galray demo`."""
 
-    out: str = "galray-demo"
+    RENAMED: ClassVar[dict[str, str]] = {"out": "output"}  # keys of the previous release, still read
+
+    output: str = "galray-demo"
     """Local folder that receives everything the demo writes (stores, runs, MLflow, figures)."""
     n: int = 500
     """Simulated galaxies."""
@@ -44,7 +52,7 @@ class DemoConfig:
     """Optimizer steps for each of the three trainings."""
     workers: int = 2
     """Ray Train workers per training."""
-    stages: tuple[str, ...] = ("simulate", "vqvae", "embed", "sae", "prior", "generate")
+    stages: tuple[str, ...] = STAGES
     """Stages to run, in pipeline order; a prefix such as [simulate] stops early."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Object-storage settings (unused for the local demo; kept for config symmetry)."""
@@ -54,23 +62,22 @@ class DemoConfig:
         check(self.size >= 32 and self.size % 8 == 0, "size", "must be a multiple of 8, at least 32")
         check(self.steps >= 10, "steps", "must be at least 10")
         check(self.workers >= 1, "workers", "must be at least 1")
-        check(not is_s3(self.out), "out", "the demo writes to a local folder")
-        valid = ("simulate", "vqvae", "embed", "sae", "prior", "generate")
-        check(all(s in valid for s in self.stages), "stages", f"each must be one of {list(valid)}")
+        check(not is_s3(self.output), "output", "the demo writes to a local folder")
+        check(all(s in STAGES for s in self.stages), "stages", f"each must be one of {list(STAGES)}")
 
 
-def _tracking(cfg: DemoConfig) -> TrackingConfig:
+def _tracking(cfg: DemoJob) -> TrackingConfig:
     """Every demo run goes to OUT/mlflow.db, in one experiment."""
-    return TrackingConfig(uri=f"sqlite:///{Path(cfg.out).resolve() / 'mlflow.db'}", experiment="galray-demo")
+    return TrackingConfig(uri=f"sqlite:///{Path(cfg.output).resolve() / 'mlflow.db'}", experiment="galray-demo")
 
 
-def _train(kind: str, data: str, name: str, cfg: DemoConfig, section: dict[str, Any]) -> Any:
+def _train(kind: str, data: str, name: str, cfg: DemoJob, section: dict[str, Any]) -> "TrainSummary":
     from galray.train.config import TrainJob
     from galray.train.launch import fit
 
-    out = Path(cfg.out).resolve()
+    out = Path(cfg.output).resolve()
     job = from_dict(TrainJob, {
-        "kind": kind, "data": data, "name": name, "storage_path": str(out / "runs"),
+        "kind": kind, "input": data, "name": name, "storage_path": str(out / "runs"),
         "steps": cfg.steps, "batch_size": 32, "checkpoint_every": cfg.steps, "log_every": 10,
         "materialize": True, "seed": cfg.seed, kind: section,
         # Ray Data's read tasks need CPUs next to the workers on a small machine.
@@ -82,10 +89,26 @@ def _train(kind: str, data: str, name: str, cfg: DemoConfig, section: dict[str, 
     return summary
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, str]:
+@dataclass(frozen=True)
+class DemoSummary(FieldsSummary):
+    """What `galray demo` prints at the end (each stage prints its own summary as it finishes)."""
+
+    paths: dict[str, str]
+    """What the demo wrote: stores, checkpoints, figures, the MLflow store."""
+    stages: tuple[str, ...]
+    seconds: float
+
+    def format(self) -> str:
+        return (f"\ndone in {self.seconds:.0f} s. Look at {self.paths['preview']}"
+                + (f" and {self.paths['generated']}" if "generate" in self.stages else "")
+                + (f"; browse the runs with `mlflow ui --backend-store-uri {self.paths['mlflow']}`"
+                   if {"vqvae", "sae", "prior"} & set(self.stages) else "") + ".")
+
+
+def run_demo(cfg: DemoJob) -> DemoSummary:
     """Run the demo stages and print what each did; returns the paths it wrote."""
     t0 = time.perf_counter()
-    out = str(Path(cfg.out).resolve())
+    out = str(Path(cfg.output).resolve())
     paths = {"store": join(out, "sim"), "preview": join(out, "sim_montage.png"),
              "embeddings": join(out, "embeddings"), "codes": join(out, "codes"),
              "generated": join(out, "generated.png"), "mlflow": f"sqlite:///{out}/mlflow.db"}
@@ -102,9 +125,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
         return True
 
     if stage("simulate", f"simulating {cfg.n} galaxies at {cfg.size} px -> {paths['store']}"):
-        job = SimulateJob(out=paths["store"], n=cfg.n, shard_rows=max(cfg.n // 4, 50), preview=paths["preview"],
+        job = SimulateJob(output=paths["store"], n=cfg.n, shard_rows=max(cfg.n // 4, 50), preview=paths["preview"],
                           sim=SimConfig(size=cfg.size, seed=cfg.seed))
-        print(format_summary(simulate_survey(job)))
+        print(simulate_survey(job).format())
         print(store_summary(paths["store"]).format())
     vq = None
     if stage("vqvae", "training a VQ-VAE on the cutouts (Ray Train)"):
@@ -114,10 +137,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
             "train": {"lr": 2e-3}})
         paths["vqvae"] = vq.checkpoint
     if stage("embed", "embedding every cutout with the VQ-VAE encoder (Ray Data actor pool)"):
+        from galray.models.backbone_config import BackboneConfig
         from galray.stages.embed import EmbedJob, embed_store
 
-        print(embed_store(EmbedJob(input=paths["store"], output=paths["embeddings"], model=f"vqvae:{paths['vqvae']}",
-                                   batch_size=64, tracking=_tracking(cfg))).format())
+        print(embed_store(EmbedJob(input=paths["store"], output=paths["embeddings"],
+                                   backbone=BackboneConfig(name=f"vqvae:{paths['vqvae']}"), batch_size=64,
+                                   tracking=_tracking(cfg))).format())
     if stage("sae", "training a Matryoshka BatchTopK sparse autoencoder on the embeddings"):
         sae = _train("sae", paths["embeddings"], "sae-demo", cfg, {
             "preset": "galray", "model": {"group_sizes": [8, 24], "k": 4, "dead_after_samples": 2048}, "train": {"lr": 2e-3}})
@@ -137,8 +162,4 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
         generate_grid(paths["prior"], paths["vqvae"], paths["generated"], n=20, cfg_scale=2.0, top_p=0.95,
                       seed=cfg.seed)
         print(f"wrote {paths['generated']}")
-    print(f"\ndone in {time.perf_counter() - t0:.0f} s. Look at {paths['preview']}"
-          + (f" and {paths['generated']}" if "generate" in cfg.stages else "")
-          + (f"; browse the runs with `mlflow ui --backend-store-uri {paths['mlflow']}`"
-             if {"vqvae", "sae", "prior"} & set(cfg.stages) else "") + ".")
-    return paths
+    return DemoSummary(paths=paths, stages=cfg.stages, seconds=time.perf_counter() - t0)

@@ -50,7 +50,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -58,13 +58,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from galray import __version__
-from galray.config import check, dumps
-from galray.data.cutouts import CutoutError, StretchConfig
+from galray.config import check, dumps, from_dict, upgrade_keys
+from galray.data.cutouts import CutoutError
 from galray.data.preprocess import ImagePlan, PreprocessConfig, plan_for, plan_images, prepare_image
 from galray.data.resume import plan_shard_work
 from galray.data.shards import CONFIG_NAME, ID_COLUMN
 from galray.data.stores import (EMBED_STORE_VERSION, EMBEDDING_COLUMN, embedding_table, footer_rows, shard_stem,
                                 write_shard)
+from galray.models.backbone_config import BackboneConfig
 from galray.stages.pool import ActorPoolConfig, pool_size
 from galray.stages.summary import StageSummary, SteadyRate
 from galray.storage import StorageConfig, join, write_text
@@ -73,7 +74,7 @@ from galray.tracking import StageRun, TrackingConfig
 if TYPE_CHECKING:
     import ray.data
 
-    from galray.models.backbones import Backbone, BackboneConfig
+    from galray.models.backbones import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -88,32 +89,26 @@ MIN_INFLIGHT_BYTES = 32 << 20  # floor of the in-flight cap: tiny batches still 
 class EmbedJob:
     """`galray embed`: which store to embed, with which backbone, on what resources."""
 
+    # Keys of the previous release (flat backbone, pool and preprocessing fields), still read.
+    RENAMED: ClassVar[dict[str, str]] = {
+        "model": "backbone.name", "weights": "backbone.weights", "pretrained": "backbone.pretrained",
+        "input_size": "backbone.input_size", "normalization": "backbone.normalization",
+        "actors": "pool.actors", "num_gpus": "pool.num_gpus", "cpus_per_actor": "pool.cpus_per_actor",
+        "crop_fraction": "preprocess.crop_fraction", "stretch": "preprocess.stretch"}
+
     input: str = ""
     """Cutout store URI: a local folder, file:// or s3://bucket/prefix."""
     output: str = ""
     """Embedding store URI (same forms); one Parquet file per input shard."""
-    model: str = ""
-    """Backbone: timm name, hf_hub:owner/repo, local-dir:/path, mwalmsley/<zoobot repo>, or vqvae:/checkpoint_dir."""
-    weights: str | None = None
-    """Local weights file (safetensors, or a tensor-only .pt); must be readable where the actors run."""
-    pretrained: bool = True
-    """Fetch pretrained weights from the hub when no weights file is given; false: random init (tests, benchmarks)."""
-    input_size: int | None = None
-    """Model input side in pixels; default: the backbone's native size."""
-    normalization: Literal["auto", "model", "none"] = "auto"
-    """auto: Zoobot models get plain [0, 1], other timm models their pretrained mean/std; none: [0, 1]."""
-    crop_fraction: float = 1.0
-    """Keep this central fraction of each side before resizing (after a square centre crop)."""
-    stretch: StretchConfig = field(default_factory=StretchConfig)
-    """Flux -> display stretch for float (multi-band flux) stores; unused for uint8 colour images."""
+    backbone: BackboneConfig | None = None
+    """The model: name (timm, hf_hub:owner/repo, local-dir:/path, mwalmsley/<zoobot repo>, vqvae:/checkpoint_dir),
+    weights file, pretrained, input size, normalisation. Required."""
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    """Crop fraction and flux stretch, shared with `galray encode` and training."""
     batch_size: int = 64
     """Images per forward pass (and per preprocessed batch)."""
-    actors: int = 0
-    """Model replicas in the fixed actor pool; 0: one per num_gpus GPUs on GPU, CPUs / (2 cpus_per_actor) on CPU."""
-    num_gpus: float = 0.0
-    """GPUs per actor (0: CPU inference). Checked against the cluster before anything starts."""
-    cpus_per_actor: float = 1.0
-    """CPUs Ray reserves for each inference actor."""
+    pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
+    """The fixed pool of model replicas: how many, GPUs and CPUs each."""
     torch_threads: int | None = None
     """torch intra-op threads in each actor on CPU; default: Ray's OMP_NUM_THREADS (the actor's CPUs)."""
     compile: bool = False
@@ -137,24 +132,13 @@ class EmbedJob:
     def __post_init__(self) -> None:
         check(bool(self.input), "input", "an input store URI is required")
         check(bool(self.output), "output", "an output store URI is required")
-        check(bool(self.model.strip()), "model", "a backbone name is required, e.g. convnext_nano")
+        check(self.backbone is not None, "backbone.name", "a backbone name is required, e.g. convnext_nano")
         check(self.input.rstrip("/") != self.output.rstrip("/"), "output", "must differ from the input store")
-        check(self.input_size is None or self.input_size >= 8, "input_size", "must be at least 8 pixels")
-        check(0 < self.crop_fraction <= 1, "crop_fraction", "must be in (0, 1]")
         check(self.batch_size >= 1, "batch_size", "must be at least 1")
-        check(self.actors >= 0, "actors", "must be >= 0 (0 = size the pool to the cluster)")
-        check(self.num_gpus >= 0, "num_gpus", "must be >= 0")
-        check(self.cpus_per_actor > 0, "cpus_per_actor", "must be positive")
         check(self.torch_threads is None or self.torch_threads >= 1, "torch_threads", "must be at least 1")
         check(self.preprocess_cpus > 0, "preprocess_cpus", "must be positive")
         check(self.preprocess_actors >= 0, "preprocess_actors", "must be >= 0 (0 = use the CPUs the replicas leave)")
         check(self.inflight_batches >= 2, "inflight_batches", "must be at least 2 (one running, one waiting)")
-
-    def backbone_config(self) -> "BackboneConfig":
-        from galray.models.backbones import BackboneConfig
-
-        return BackboneConfig(name=self.model, weights=self.weights, pretrained=self.pretrained,
-                              input_size=self.input_size, normalization=self.normalization)
 
 
 # --- preprocessing (CPU actors) -------------------------------------------------------------------
@@ -364,7 +348,7 @@ def _preprocess_pool_max(job: EmbedJob, actors: int, shards: int) -> int:
 
     if job.preprocess_actors:
         return max(1, min(job.preprocess_actors, shards))
-    free = float(ray.cluster_resources().get("CPU", 0.0)) - actors * job.cpus_per_actor
+    free = float(ray.cluster_resources().get("CPU", 0.0)) - actors * job.pool.cpus_per_actor
     return max(1, min(int(free / job.preprocess_cpus + 1e-9), shards))
 
 
@@ -376,7 +360,7 @@ def preprocess_memory(plan: ImagePlan, batch_size: int) -> int:
 
 def provenance(job: EmbedJob, backbone: "Backbone", dim: int, plan: ImagePlan) -> dict[str, Any]:
     return {"embed_store_version": EMBED_STORE_VERSION, "producer": "galray embed", "galray_version": __version__,
-            "model": job.model, "weights": backbone.weights_id, "embedding_dim": dim,
+            "model": job.backbone.name, "weights": backbone.weights_id, "embedding_dim": dim,
             "preprocessing": {**plan.to_json(), "model_input": backbone.preprocessing.to_json()},
             "input": job.input}
 
@@ -400,16 +384,15 @@ def embed_store(job: EmbedJob, embedder_cls: type[Embedder] = Embedder,
     actors = 0
     if any(rows.values()):
         ensure_ray()
-        actors = pool_size(ActorPoolConfig(job.actors, job.num_gpus, job.cpus_per_actor),
-                           reserve_cpus=job.preprocess_cpus)  # before anything else: no GPUs -> fail now
+        actors = pool_size(job.pool, reserve_cpus=job.preprocess_cpus, field_prefix="pool.")  # no GPUs: fail now
 
     # Build the backbone here once: a bad name, an unsafe or mismatched weights file, or a missing
     # checkpoint fails now, before the actors start; it also gives D for the output schema.
-    backbone = create_backbone(job.backbone_config())
+    backbone = create_backbone(job.backbone)
     dim = embedding_dim(backbone)
     prep = backbone.preprocessing
     plan = plan_for(pq.read_schema(shards[0].path, filesystem=fs_in), prep.input_size, prep.in_chans,
-                    PreprocessConfig(job.crop_fraction, job.stretch))
+                    job.preprocess)
     meta = provenance(job, backbone, dim, plan)
     del backbone
 
@@ -485,11 +468,11 @@ def _pipeline(job: EmbedJob, todo: list[pafs.FileInfo], rows: dict[str, int], fs
     # to max_restarts=-1, max_task_retries=-1, which exactly-once output relies on (with the driver
     # dropping the rows a re-run shard yields again).
     return ds.map_batches(
-        embedder_cls, fn_constructor_kwargs={"backbone": job.backbone_config(), "dim": dim,
+        embedder_cls, fn_constructor_kwargs={"backbone": job.backbone, "dim": dim,
                                              "torch_threads": job.torch_threads, "batch_size": job.batch_size,
                                              "compile": job.compile},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=job.batch_size, batch_format="numpy",
-        num_gpus=job.num_gpus or None, num_cpus=job.cpus_per_actor)
+        num_gpus=job.pool.num_gpus or None, num_cpus=job.pool.cpus_per_actor)
 
 
 def embed_dataset(input: str, output: str, model: str, *, weights: str | None = None, batch_size: int = 64,
@@ -497,9 +480,10 @@ def embed_dataset(input: str, output: str, model: str, *, weights: str | None = 
                   **options: Any) -> StageSummary:
     """Library entry point: embed the cutout store ``input`` into ``output`` with backbone ``model``.
 
-    ``options`` are any other :class:`EmbedJob` fields (pretrained, input_size, crop_fraction,
-    cpus_per_actor, torch_threads, overwrite, ...).
+    ``options`` are any other :class:`EmbedJob` setting, flat: a field (``compile``, ``torch_threads``,
+    ``overwrite``, ...) or a setting of its sections (``pretrained``, ``input_size``, ``crop_fraction``,
+    ``cpus_per_actor``, ...).
     """
-    job = EmbedJob(input=input, output=output, model=model, weights=weights, batch_size=batch_size, actors=actors,
-                   num_gpus=float(num_gpus), storage=storage or StorageConfig(), **options)
-    return embed_store(job)
+    flat = {"input": input, "output": output, "model": model, "weights": weights, "batch_size": batch_size,
+            "actors": actors, "num_gpus": float(num_gpus), "storage": storage or StorageConfig(), **options}
+    return embed_store(from_dict(EmbedJob, upgrade_keys(EmbedJob, flat, warn=False)))

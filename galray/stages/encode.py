@@ -25,14 +25,14 @@ import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from galray import __version__
 from galray.config import ConfigError, check, dumps
-from galray.data.cutouts import CutoutError, StretchConfig
+from galray.data.cutouts import CutoutError
 from galray.data.preprocess import ImagePlan, PreprocessConfig, plan_for, plan_images, prepare_image
 from galray.data.resume import plan_shard_work
 from galray.data.shards import CONFIG_NAME, ID_COLUMN
@@ -52,6 +52,11 @@ STAGE = "encode"
 class EncodeJob:
     """`galray encode`: which cutout store, which VQ-VAE, where the code store goes."""
 
+    # Keys of the previous release (flat pool and preprocessing fields), still read.
+    RENAMED: ClassVar[dict[str, str]] = {
+        "actors": "pool.actors", "num_gpus": "pool.num_gpus", "cpus_per_actor": "pool.cpus_per_actor",
+        "crop_fraction": "preprocess.crop_fraction", "stretch": "preprocess.stretch"}
+
     input: str = ""
     """Cutout store URI: local folder, file:// or s3://bucket/prefix."""
     vqvae: str = ""
@@ -60,18 +65,12 @@ class EncodeJob:
     """Code store URI; one Parquet file per input shard."""
     batch_size: int = 64
     """Images per forward pass."""
-    actors: int = 0
-    """Encoder actors; 0: one per num_gpus GPU(s) on GPU, CPUs / (2 cpus_per_actor) on CPU."""
-    num_gpus: float = 0.0
-    """GPUs per actor (0: CPU)."""
-    cpus_per_actor: float = 1.0
-    """CPUs Ray reserves per actor."""
+    pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
+    """The fixed pool of encoder actors: how many, GPUs and CPUs each."""
     label_column: str = "label"
     """Input column copied to ``label`` (integers; -1 where the input has none)."""
-    crop_fraction: float = 1.0
-    """Central fraction of each side kept before resizing (as in `galray embed`)."""
-    stretch: StretchConfig = field(default_factory=StretchConfig)
-    """Flux stretch for float (multi-band flux) stores."""
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    """Crop fraction and flux stretch, as in `galray embed` and training."""
     overwrite: bool = False
     """Recompute shards whose output exists (default: skip them, so reruns resume)."""
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -83,10 +82,6 @@ class EncodeJob:
         check(bool(self.output), "output", "an output store URI is required")
         check(self.input.rstrip("/") != self.output.rstrip("/"), "output", "must differ from the input store")
         check(self.batch_size >= 1, "batch_size", "must be at least 1")
-        check(self.actors >= 0, "actors", "must be >= 0 (0 = size the pool to the cluster)")
-        check(self.num_gpus >= 0, "num_gpus", "must be >= 0")
-        check(self.cpus_per_actor > 0, "cpus_per_actor", "must be positive")
-        check(0 < self.crop_fraction <= 1, "crop_fraction", "must be in (0, 1]")
 
 
 def read_checkpoint(uri: str, storage: StorageConfig | None = None) -> "CheckpointBytes":
@@ -124,7 +119,7 @@ class ShardEncoder:
 
         from galray.models.checkpoint import CheckpointBytes
 
-        self.device = torch.device("cuda" if job.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda" if job.pool.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.model = load_vqvae(CheckpointBytes(config_json, weights)).to(self.device)
         self.plan, self.job, self.provenance = plan, job, provenance
         self.fs_in, _ = arrow_filesystem(job.input, job.storage)
@@ -198,7 +193,7 @@ def encode_store(job: EncodeJob) -> StageSummary:
     checkpoint = read_checkpoint(job.vqvae, job.storage)
     cfg = load_vqvae(checkpoint).cfg  # a bad checkpoint fails here, before any actor starts
     plan = plan_for(pq.read_schema(shards[0].path, filesystem=fs_in), cfg.image_size, cfg.in_channels,
-                    PreprocessConfig(job.crop_fraction, job.stretch))
+                    job.preprocess)
     provenance = {"codes_store_version": CODES_STORE_VERSION, "producer": "galray encode",
                   "galray_version": __version__, "vqvae": job.vqvae,
                   "weights": "sha256:" + hashlib.sha256(checkpoint.weights).hexdigest(), "grid": [cfg.latent_size] * 2,
@@ -210,12 +205,12 @@ def encode_store(job: EncodeJob) -> StageSummary:
     written = errored = 0
     if todo:
         ensure_ray()
-        n = min(pool_size(ActorPoolConfig(job.actors, job.num_gpus, job.cpus_per_actor)), len(todo))
+        n = min(pool_size(job.pool, field_prefix="pool."), len(todo))
         refs = ray.put(checkpoint.config_json), ray.put(checkpoint.weights)
         # The model travels as bytes through the object store, so a local checkpoint also works on a
         # cluster. Ray cannot safely restart actors built from object-store arguments (ray#53727), so
         # a crashed actor fails the job instead; the rerun skips every shard already written.
-        cls = ray.remote(ShardEncoder).options(num_cpus=job.cpus_per_actor, num_gpus=job.num_gpus or None)
+        cls = ray.remote(ShardEncoder).options(num_cpus=job.pool.cpus_per_actor, num_gpus=job.pool.num_gpus or None)
         actors = [cls.remote(refs[0], refs[1], plan, job, provenance) for _ in range(n)]
         pool = ActorPool(actors)
         for ok, err in pool.map_unordered(lambda a, path: a.encode_shard.remote(path), [s.path for s in todo]):

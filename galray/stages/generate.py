@@ -1,12 +1,16 @@
-"""Generate galaxy images from a trained prior + VQ-VAE and write them as one PNG grid.
+"""`galray generate`: galaxy images from a trained prior + VQ-VAE, written as one PNG grid.
 
-``galray generate`` calls :func:`generate_grid`. The prior samples code grids (KV-cached,
-with classifier-free guidance, temperature, top-k and top-p); the VQ-VAE decodes them.
+The prior samples code grids (KV-cached, with classifier-free guidance, temperature, top-k and
+top-p; :mod:`galray.models.sampling`); the VQ-VAE decodes them. The CLI calls :func:`generate`
+with a :class:`GenerateJob`; :func:`generate_grid` is the same with plain arguments. Runs in one
+process (no Ray) on the accelerator torch sees, else the CPU.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +18,50 @@ import torch
 from einops import rearrange
 from PIL import Image
 
+from galray.config import check
 from galray.models.checkpoint import load_model
 from galray.models.prior import Prior
 from galray.models.sampling import SamplingConfig, sample
 from galray.models.vqvae import VQVAE, model_to_pixels
+from galray.stages.summary import FieldsSummary
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    """`galray generate`: which checkpoints, how many images, how to sample them."""
+
+    prior: str = ""
+    """Prior checkpoint folder (config.json + model.safetensors, as `galray train prior` writes it)."""
+    vqvae: str = ""
+    """VQ-VAE checkpoint folder whose codebook the prior was trained on (same codebook size)."""
+    output: str = ""
+    """Output PNG path."""
+    n: int = 16
+    """Number of images."""
+    label: int | None = None
+    """Class index to generate; -1 for unconditional; null cycles through the classes."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Guidance scale, temperature, top-k and top-p of each code."""
+    seed: int = 0
+    """Random seed of the sampling."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.prior), "prior", "a prior checkpoint folder is required")
+        check(bool(self.vqvae), "vqvae", "a VQ-VAE checkpoint folder is required")
+        check(bool(self.output), "output", "an output PNG path is required")
+        check(self.n >= 1, "n", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class GenerateSummary(FieldsSummary):
+    """What `galray generate` prints."""
+
+    output: str
+    n: int
+    seconds: float
+
+    def format(self) -> str:
+        return f"wrote {self.n} generated galaxies to {self.output}"
 
 
 def default_device() -> torch.device:
@@ -88,3 +132,12 @@ def generate_grid(prior_dir: str | Path, vqvae_dir: str | Path, out_png: str | P
     grid_HWC = image_grid(images)
     Image.fromarray(grid_HWC[..., 0] if grid_HWC.shape[-1] == 1 else grid_HWC).save(out_png)
     return out_png
+
+
+def generate(job: GenerateJob) -> GenerateSummary:
+    """Sample ``job.n`` images and write the PNG grid; returns the summary."""
+    t0 = time.perf_counter()
+    s = job.sampling
+    out = generate_grid(job.prior, job.vqvae, job.output, n=job.n, label=job.label, cfg_scale=s.cfg_scale,
+                        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=job.seed)
+    return GenerateSummary(output=str(out), n=job.n, seconds=round(time.perf_counter() - t0, 2))

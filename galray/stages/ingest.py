@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import ray
 import yaml
 
-from galray.config import ConfigError, check, dumps, to_dict
+from galray.config import ConfigError, check, dumps, to_dict, upgrade_keys
 from galray.data.formats import (DEFAULT_CATALOG_ID_COLUMN, DEFAULT_GZ_ID_COLUMN, FORMATS, GALAXY10_CLASSES,
                                  CutoutPolicy, FitsConfig, Format, Plan, ReadContext, Unit, convert_unit,
                                  image_spec, plan_units, probe)
@@ -46,11 +46,13 @@ from galray.storage import StorageConfig, arrow_filesystem, check_access, exists
 class IngestJob:
     """`galray ingest`: which survey format to read, from where, and how cutouts are checked and sized."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"src": "input", "out": "output"}  # keys of the previous release, still read
+
     format: Format
     """Input format: images (PNG/JPEG folder), galaxy10-h5, gz-parquet (Galaxy Zoo HF layout) or fits."""
-    src: str
+    input: str
     """Input URI: a folder/prefix of files, or one file (local, file:// or s3://)."""
-    out: str = "galray-data/ingest"
+    output: str = "galray-data/ingest"
     """Output store URI: a local folder, file:// or s3://bucket/prefix."""
     catalog: str | None = None
     """Optional CSV/TSV/Parquet catalog joined on the object id; its columns are carried into the store."""
@@ -69,8 +71,8 @@ class IngestJob:
 
     def __post_init__(self) -> None:
         check(self.format in FORMATS, "format", f"must be one of {list(FORMATS)}, got {self.format!r}")
-        check(bool(self.src), "src", "is required")
-        check(bool(self.out), "out", "is required")
+        check(bool(self.input), "input", "is required")
+        check(bool(self.output), "output", "is required")
         check(self.shard_rows >= 1, "shard_rows", "must be at least 1")
         check(self.id_column is None or bool(self.id_column), "id_column", "must not be empty")
 
@@ -119,18 +121,20 @@ def _check_rerun(job: IngestJob, fs: pafs.FileSystem, root: str, plan: Plan) -> 
         return
     planned = {shard_name(u.index) for u in plan.units}
     if existing - planned:
-        raise ConfigError("out", f"{job.out} holds shard(s) this input does not plan ({sorted(existing - planned)[0]}, "
-                                 "...): use --overwrite or another --out")
-    if exists(join(job.out, CONFIG_NAME), job.storage):
-        old = yaml.safe_load(read_text(join(job.out, CONFIG_NAME), job.storage)) or {}
+        raise ConfigError("output", f"{job.output} holds shard(s) this input does not plan "
+                                    f"({sorted(existing - planned)[0]}, ...): use --overwrite or another --output")
+    if exists(join(job.output, CONFIG_NAME), job.storage):
+        # A store written by the previous release names its input "src" and its output "out".
+        old = upgrade_keys(IngestJob, yaml.safe_load(read_text(join(job.output, CONFIG_NAME), job.storage)) or {},
+                           warn=False)
         new = to_dict(job)
         for key in _RUN_ONLY_KEYS:
             old.pop(key, None)
             new.pop(key, None)
         if old != new:
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ConfigError("out", f"{job.out} was written with other settings ({', '.join(changed)} differ): "
-                                     "use --overwrite or another --out")
+            raise ConfigError("output", f"{job.output} was written with other settings ({', '.join(changed)} "
+                                        "differ): use --overwrite or another --output")
 
 
 def _clear(fs: pafs.FileSystem, root: str) -> None:
@@ -142,27 +146,27 @@ def _clear(fs: pafs.FileSystem, root: str) -> None:
 def run_unit(unit: Unit, job: IngestJob, ctx: ReadContext) -> dict[str, Any]:
     """Convert one unit and write its shard (errors first, so a crash in between redoes the unit)."""
     table, errors = convert_unit(unit, ctx)
-    fs, root = arrow_filesystem(job.out, job.storage)
+    fs, root = arrow_filesystem(job.output, job.storage)
     write_shard(table, errors, fs, root, shard_name(unit.index))
     return {"unit": unit.index, "rows_in": unit.rows, "rows_out": table.num_rows, "rows_errored": len(errors)}
 
 
 def ingest(job: IngestJob) -> StageSummary:
-    """Ingest ``job.src`` into the store at ``job.out``; returns the stage summary (already checked)."""
+    """Ingest ``job.input`` into the store at ``job.output``; returns the stage summary (already checked)."""
     t0 = time.perf_counter()
     job = dataclasses.replace(job, storage=job.storage.resolved())  # Ray workers do not see the driver's env
-    check_access(job.src, job.storage, must_exist=True)
-    fs, root = check_access(job.out, job.storage)
+    check_access(job.input, job.storage, must_exist=True)
+    fs, root = check_access(job.output, job.storage)
 
     gz = job.format == "gz-parquet"
     id_column = job.id_column or (DEFAULT_GZ_ID_COLUMN if gz else DEFAULT_CATALOG_ID_COLUMN)
-    plan = plan_units(job.format, job.src, job.storage, job.shard_rows, id_column if gz else None)
-    side, bands = probe(job.format, job.src, job.storage, plan, job.cutout, job.fits)
+    plan = plan_units(job.format, job.input, job.storage, job.shard_rows, id_column if gz else None)
+    side, bands = probe(job.format, job.input, job.storage, plan, job.cutout, job.fits)
     if job.cutout.size is None and side is None:
-        raise ConfigError("cutout.size", f"none of the first inputs of {job.src} could be read to learn the "
+        raise ConfigError("cutout.size", f"none of the first inputs of {job.input} could be read to learn the "
                                          "native size: pass --size")
     if job.format == "fits" and not (job.fits.bands or bands):
-        raise ConfigError("fits.bands", f"none of the first FITS files of {job.src} could be read to learn the "
+        raise ConfigError("fits.bands", f"none of the first FITS files of {job.input} could be read to learn the "
                                         "bands: set fits.bands")
     size = job.cutout.output_size(side) if side is not None else job.cutout.size
     job = dataclasses.replace(job, cutout=dataclasses.replace(job.cutout, size=size),
@@ -179,11 +183,11 @@ def ingest(job: IngestJob) -> StageSummary:
         _clear(fs, root)
     else:
         _check_rerun(job, fs, root, plan)
-    write_text(join(job.out, CONFIG_NAME), dumps(job), job.storage)
+    write_text(join(job.output, CONFIG_NAME), dumps(job), job.storage)
 
     done = {f.base_name for f in list_parquet(fs, root)}
     todo = [u for u in plan.units if shard_name(u.index) not in done]
-    metadata: dict[str, Any] = {"producer": "galray ingest", "format": job.format, "source": job.src,
+    metadata: dict[str, Any] = {"producer": "galray ingest", "format": job.format, "source": job.input,
                                 "crop_fraction": job.cutout.crop_fraction}
     if job.format == "galaxy10-h5":
         metadata["class_names"] = list(GALAXY10_CLASSES)
@@ -194,7 +198,7 @@ def ingest(job: IngestJob) -> StageSummary:
         ensure_ray()
         # The catalog goes to the object store once and is shared by every task (zero-copy Arrow).
         catalog_ref = ray.put(catalog) if catalog is not None else None
-        base_ctx = ReadContext(format=job.format, src=job.src, storage=job.storage, spec=spec, policy=job.cutout,
+        base_ctx = ReadContext(format=job.format, src=job.input, storage=job.storage, spec=spec, policy=job.cutout,
                                fits=job.fits, id_column=id_column, metadata=metadata)
 
         def task(row: dict[str, Any]) -> dict[str, Any]:
@@ -212,6 +216,6 @@ def ingest(job: IngestJob) -> StageSummary:
               for u, o, e in zip(finished, rows_out, rows_errored)]
     summary = StageSummary(stage="ingest", rows_in=plan.rows, rows_out=sum(s["rows_out"] for s in stats),
                            rows_errored=sum(s["rows_errored"] for s in stats), seconds=time.perf_counter() - t0,
-                           output=job.out, skipped_shards=len(plan.units) - len(todo))
+                           output=job.output, skipped_shards=len(plan.units) - len(todo))
     summary.check()
     return summary

@@ -1,26 +1,26 @@
-"""Render a simulated survey into a cutout store, in parallel through Ray Data.
+"""`galray simulate`: render a simulated survey into a cutout store, in parallel through Ray Data.
 
 The rendering itself is :mod:`galray.data.galsim_survey` (pure numpy + GalSim). This module plans
 shards, runs one Ray Data task per shard that renders and writes ``shard-NNNNN.parquet``, and
 skips shards that already exist, so an interrupted run resumes and a rerun duplicates nothing.
 Galaxy ``i`` depends only on (seed, i), so the output is byte-identical for a given seed,
-whatever the parallelism.
+whatever the parallelism. :func:`simulate_survey` is what the CLI calls.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow.parquet as pq
-import ray
 
 from galray.config import check, dumps
-from galray.data.shards import CONFIG_NAME, ImageSpec, list_parquet, make_table, shard_name, write_table
 from galray.data.galsim_survey import CLASS_NAMES, SimConfig, render_batch
+from galray.data.shards import CONFIG_NAME, list_parquet, make_table, shard_name, write_table
 from galray.session import ensure_ray
+from galray.stages.summary import FieldsSummary
 from galray.storage import StorageConfig, arrow_filesystem, check_access, join, write_text
 
 
@@ -28,7 +28,9 @@ from galray.storage import StorageConfig, arrow_filesystem, check_access, join, 
 class SimulateJob:
     """`galray simulate`: how many galaxies, where to write them, and how to render them."""
 
-    out: str = "galray-data/sim"
+    RENAMED: ClassVar[dict[str, str]] = {"out": "output"}  # keys of the previous release, still read
+
+    output: str = "galray-data/sim"
     """Output store URI: a local folder, file:// or s3://bucket/prefix."""
     n: int = 2000
     """Number of galaxies."""
@@ -48,9 +50,30 @@ class SimulateJob:
         check(self.shard_rows >= 1, "shard_rows", "must be at least 1")
 
 
-def image_spec(sim: SimConfig) -> ImageSpec:
-    """The store layout of simulated cutouts: uint8 HWC colour renderings, one channel per band."""
-    return ImageSpec(shape=(sim.size, sim.size, len(sim.bands)), layout="HWC", dtype="uint8", bands=tuple(sim.bands))
+@dataclass(frozen=True)
+class SimulateSummary(FieldsSummary):
+    """What `galray simulate` prints."""
+
+    output: str
+    rows: int
+    """Galaxies in the store."""
+    shards: int
+    rendered: int
+    """Galaxies rendered by this run (the others were in shards that already existed)."""
+    skipped_shards: int
+    bytes: int
+    """Bytes of the shards this run wrote."""
+    seconds: float
+    galaxies_per_s: float
+    preview: str | None = None
+
+    def format(self) -> str:
+        text = (f"simulated {self.rows:,} galaxies into {self.output} ({self.shards} shards; "
+                f"rendered {self.rendered:,}, skipped {self.skipped_shards} existing shard(s)) "
+                f"in {self.seconds:.1f} s, {self.galaxies_per_s:.0f} galaxies/s")
+        if self.preview:
+            text += f"\npreview montage: {self.preview}"
+        return text
 
 
 def render_shard(shard: int, start: int, stop: int, job: SimulateJob) -> dict[str, Any]:
@@ -58,9 +81,9 @@ def render_shard(shard: int, start: int, stop: int, job: SimulateJob) -> dict[st
     t0 = time.perf_counter()
     columns = render_batch(range(start, stop), job.sim)
     columns.pop("flux_image", None)  # the store keeps the colour rendering; flux cubes are opt-in elsewhere
-    table = make_table(columns, image_spec(job.sim), extra_metadata={
+    table = make_table(columns, job.sim.image_spec(), extra_metadata={
         "producer": "galray simulate", "seed": job.sim.seed, "class_names": list(CLASS_NAMES)})
-    fs, root = arrow_filesystem(job.out, job.storage)
+    fs, root = arrow_filesystem(job.output, job.storage)
     nbytes = write_table(table, fs, f"{root}/{shard_name(shard)}")
     return {"shard": shard, "rows": stop - start, "bytes": nbytes, "seconds": time.perf_counter() - t0}
 
@@ -69,14 +92,16 @@ def plan_shards(n: int, shard_rows: int) -> list[tuple[int, int, int]]:
     return [(i, s, min(s + shard_rows, n)) for i, s in enumerate(range(0, n, shard_rows))]
 
 
-def simulate_survey(job: SimulateJob) -> dict[str, Any]:
-    """Render ``job.n`` galaxies into the store at ``job.out``; returns a summary dict."""
+def simulate_survey(job: SimulateJob) -> SimulateSummary:
+    """Render ``job.n`` galaxies into the store at ``job.output``; returns the summary."""
+    import ray
+
     job = SimulateJob(**{**job.__dict__, "storage": job.storage.resolved()})
-    fs, root = check_access(job.out, job.storage)
+    fs, root = check_access(job.output, job.storage)
     plan = plan_shards(job.n, job.shard_rows)
     done = {f.base_name for f in list_parquet(fs, root)} if not job.overwrite else set()
     todo = [p for p in plan if shard_name(p[0]) not in done]
-    write_text(join(job.out, CONFIG_NAME), dumps(job), job.storage)
+    write_text(join(job.output, CONFIG_NAME), dumps(job), job.storage)
     stats: list[dict[str, Any]] = []
     if todo:
         ensure_ray()  # before the clock starts: the rate is the renderer's, not Ray's start-up
@@ -87,14 +112,11 @@ def simulate_survey(job: SimulateJob) -> dict[str, Any]:
         stats = ds.map(lambda r: render_shard(r["shard"], r["start"], r["stop"], job)).take_all()
     seconds = time.perf_counter() - t0
     rendered = sum(s["rows"] for s in stats)
-    summary = {
-        "out": job.out, "rows": job.n, "shards": len(plan), "rendered": rendered,
-        "skipped_shards": len(plan) - len(todo), "bytes": sum(s["bytes"] for s in stats),
-        "seconds": round(seconds, 3), "galaxies_per_s": round(rendered / seconds, 1) if rendered else 0.0,
-    }
-    if job.preview:
-        summary["preview"] = str(write_preview(job))
-    return summary
+    return SimulateSummary(
+        output=job.output, rows=job.n, shards=len(plan), rendered=rendered, skipped_shards=len(plan) - len(todo),
+        bytes=sum(s["bytes"] for s in stats), seconds=round(seconds, 3),
+        galaxies_per_s=round(rendered / seconds, 1) if rendered else 0.0,
+        preview=str(write_preview(job)) if job.preview else None)
 
 
 def write_preview(job: SimulateJob, per_class: int = 8) -> str:
@@ -102,12 +124,12 @@ def write_preview(job: SimulateJob, per_class: int = 8) -> str:
     from galray.analysis.montage import class_montage
     from galray.data.shards import images_from_table
 
-    fs, root = arrow_filesystem(job.out, job.storage)
+    fs, root = arrow_filesystem(job.output, job.storage)
     picked: dict[int, list[np.ndarray]] = {}
     wanted = {CLASS_NAMES.index(c) for c in job.sim.classes}
     for info in list_parquet(fs, root):
         table = pq.read_table(info.path, filesystem=fs, columns=["image", "label"])
-        images, labels = images_from_table(table, image_spec(job.sim)), table.column("label").to_numpy()
+        images, labels = images_from_table(table, job.sim.image_spec()), table.column("label").to_numpy()
         for img, lab in zip(images, labels):
             if len(picked.setdefault(int(lab), [])) < per_class:
                 picked[int(lab)].append(img)
@@ -116,12 +138,3 @@ def write_preview(job: SimulateJob, per_class: int = 8) -> str:
     labels = np.array([lab for lab, imgs in sorted(picked.items()) for _ in imgs])
     images = np.stack([img for _, imgs in sorted(picked.items()) for img in imgs])
     return str(class_montage(images, labels, CLASS_NAMES, job.preview, per_class=per_class))
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    text = (f"simulated {summary['rows']:,} galaxies into {summary['out']} ({summary['shards']} shards; "
-            f"rendered {summary['rendered']:,}, skipped {summary['skipped_shards']} existing shard(s)) "
-            f"in {summary['seconds']:.1f} s, {summary['galaxies_per_s']:.0f} galaxies/s")
-    if summary.get("preview"):
-        text += f"\npreview montage: {summary['preview']}"
-    return text

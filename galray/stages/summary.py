@@ -1,14 +1,32 @@
-"""The one-line summary every row-reading stage (ingest, embed, encode) prints when it finishes.
+"""What stages print when they finish.
 
-Convention (ARCHITECTURE.md): rows in, rows out, rows errored, wall time, rows/s. The invariant
-``rows_in == rows_out + rows_errored`` holds for every stage; :meth:`StageSummary.check` says so.
+Every verb's function returns a :class:`Summary`: ``format()`` is the line the CLI prints,
+``to_json()`` what ``--json`` prints. Row-reading stages (ingest, embed, encode) return a
+:class:`StageSummary`: rows in, rows out, rows errored, wall time, rows/s (ARCHITECTURE.md). The
+invariant ``rows_in == rows_out + rows_errored`` holds for every stage; :meth:`StageSummary.check`
+says so.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
+
+
+class Summary(Protocol):
+    """What a verb's function returns."""
+
+    def format(self) -> str: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+class FieldsSummary:
+    """Base of a summary dataclass whose JSON is its fields."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True)

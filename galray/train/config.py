@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, ClassVar, Literal, get_args, get_type_hints
 
 # _convert: from_dict's per-value conversion. Presets are dataclass instances, and a preset plus
 # overrides is built by replacing fields; a round trip through a dict would convert every field.
@@ -86,7 +86,10 @@ class SAESection:
     def __post_init__(self) -> None:
         check(self.preset in SAE_PRESETS, "preset", f"must be one of {SAE_PRESETS}")
         check(self.norm_samples >= 2, "norm_samples", "must be at least 2")
-        self.model_config(int(self.model.get("d_in", 1)))  # unknown keys or bad values fail now
+        # Unknown keys or bad values fail now; the overrides keep their converted values (1e-3 -> 0.001).
+        object.__setattr__(self, "model", _convert_fields(SAEConfig, self.model, "model"))
+        object.__setattr__(self, "train", _convert_fields(SAETrainConfig, self.train, "train"))
+        self.model_config(int(self.model.get("d_in", 1)))
         self.train_config()
 
     def model_config(self, d_in: int) -> SAEConfig:
@@ -129,9 +132,11 @@ class PriorSection:
 class TrainJob:
     """One training run: what to train, on which data, where its checkpoints and records go."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"data": "input"}  # keys of the previous release, still read
+
     kind: Kind
     """sae (on an embedding store), vqvae (on a cutout store) or prior (on a code store from `galray encode`)."""
-    data: str
+    input: str
     """Input store URI: local folder, file:// or s3://bucket/prefix."""
     name: str
     """Run name. The same name and storage_path resume the run from its latest checkpoint."""
@@ -178,7 +183,7 @@ class TrainJob:
     """Object-storage settings for the data and the checkpoints (default: the standard AWS variables)."""
 
     def __post_init__(self) -> None:
-        check(bool(self.data), "data", "an input store URI is required")
+        check(bool(self.input), "input", "an input store URI is required")
         check(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
         check(bool(self.storage_path), "storage_path", "must not be empty")
         check(self.steps >= 1, "steps", "must be at least 1")
@@ -219,17 +224,26 @@ class TrainJob:
         return dataclasses.replace(cfg, **{k: v for k, v in top.items() if k in names})
 
 
-def _override(base: T, overrides: dict[str, Any], prefix: str) -> T:
-    """``base`` (a preset) with ``overrides`` converted and checked field by field, as from_dict
-    would, then validated as a whole; errors name ``<prefix>.<field>``."""
-    hints = get_type_hints(type(base))
-    names = {f.name for f in dataclasses.fields(base) if f.init}
+def _convert_fields(cls: type, overrides: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``overrides`` of fields of ``cls`` converted and checked one by one, as from_dict would;
+    errors name ``<prefix>.<field>``."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise ConfigError(f"{prefix}.{unknown[0]}", f"unknown key (valid keys of {type(base).__name__}: "
+        raise ConfigError(f"{prefix}.{unknown[0]}", f"unknown key (valid keys of {cls.__name__}: "
                                                     f"{', '.join(sorted(names))})")
     try:
-        values = {k: _convert(v, hints[k], k) for k, v in overrides.items()}
+        return {k: _convert(v, hints[k], k) for k, v in overrides.items()}
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}.{err.field}" if err.field else prefix, str(err).split(": ", 1)[-1]) from None
+
+
+def _override(base: T, overrides: dict[str, Any], prefix: str) -> T:
+    """``base`` (a preset) with ``overrides`` converted and checked field by field, then validated as
+    a whole; errors name ``<prefix>.<field>``."""
+    values = _convert_fields(type(base), overrides, prefix)
+    try:
         return dataclasses.replace(base, **values)
     except ConfigError as err:
         raise ConfigError(f"{prefix}.{err.field}" if err.field else prefix, str(err).split(": ", 1)[-1]) from None

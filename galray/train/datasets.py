@@ -37,7 +37,7 @@ from galray.storage import StorageConfig
 from galray.train.config import TrainJob
 
 if TYPE_CHECKING:
-    import ray.data
+    import ray.data  # noqa: F401 (the Splits annotation)
 
 ModelConfig = SAEConfig | VQVAEConfig | PriorConfig
 Splits = dict[str, "ray.data.Dataset"]
@@ -110,7 +110,7 @@ def vqvae_batch(batch: dict[str, np.ndarray], split: str, val_fraction: float, p
 def _shards(job: TrainJob, storage: StorageConfig) -> tuple[pafs.FileSystem, list[str]]:
     from galray.data.store import shard_paths
 
-    return shard_paths(job.data, storage)
+    return shard_paths(job.input, storage)
 
 
 def _sae_init(job: TrainJob, storage: StorageConfig) -> tuple[SAEConfig, dict[str, np.ndarray]]:
@@ -123,7 +123,7 @@ def _sae_init(job: TrainJob, storage: StorageConfig) -> tuple[SAEConfig, dict[st
     fs, paths = _shards(job, storage)
     field_type = pq.read_schema(paths[0], filesystem=fs).field(EMBEDDING_COLUMN).type
     if not pa.types.is_fixed_size_list(field_type):
-        raise ConfigError("data", f"{job.data}: column {EMBEDDING_COLUMN!r} is {field_type}, expected a fixed-size "
+        raise ConfigError("input", f"{job.input}: column {EMBEDDING_COLUMN!r} is {field_type}, expected a fixed-size "
                                   f"list of float32 (an embedding store from `galray embed`)")
     d_in = field_type.list_size
     parts, n = [], 0
@@ -135,7 +135,7 @@ def _sae_init(job: TrainJob, storage: StorageConfig) -> tuple[SAEConfig, dict[st
         if n >= job.sae.norm_samples:
             break
     if n < 2:
-        raise ConfigError("data", f"{job.data} has fewer than 2 training rows")
+        raise ConfigError("input", f"{job.input} has fewer than 2 training rows")
     sample = torch.from_numpy(np.concatenate(parts)[: job.sae.norm_samples])
     cfg = job.sae.model_config(d_in)
     model = SparseAutoencoder(cfg)
@@ -157,7 +157,8 @@ def _check_codes(job: TrainJob, storage: StorageConfig) -> None:
     fs, paths = _shards(job, storage)
     schema = pq.read_schema(paths[0], filesystem=fs)
     if CODES_COLUMN not in schema.names:
-        raise ConfigError("data", f"{job.data} has no {CODES_COLUMN!r} column: make a code store with `galray encode`")
+        raise ConfigError("input", f"{job.input} has no {CODES_COLUMN!r} column: make a code store with "
+                                   "`galray encode`")
     meta = read_metadata(schema)
     m = job.prior.model
     length = schema.field(CODES_COLUMN).type.list_size
@@ -193,7 +194,7 @@ def _sae_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelConfi
     from galray.data.store import read_store
 
     cfg, init_state = _sae_init(job, storage)
-    ds = read_store(job.data, storage, columns=[ID_COLUMN, EMBEDDING_COLUMN])
+    ds = read_store(job.input, storage, columns=[ID_COLUMN, EMBEDDING_COLUMN])
     return ({split: ds.map_batches(sae_batch, fn_kwargs={"split": split, "val_fraction": job.val_fraction},
                                    batch_format="pyarrow", zero_copy_batch=True) for split in ("train", "val")},
             cfg, init_state)
@@ -206,7 +207,7 @@ def _prior_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelCon
     fs, paths = _shards(job, storage)
     cols = [ID_COLUMN, CODES_COLUMN] + ([LABEL_COLUMN] if LABEL_COLUMN in pq.read_schema(
         paths[0], filesystem=fs).names else [])
-    ds = read_store(job.data, storage, columns=cols)
+    ds = read_store(job.input, storage, columns=cols)
     return ({split: ds.map_batches(prior_batch, fn_kwargs={
         "split": split, "val_fraction": job.val_fraction, "num_classes": job.prior.model.num_classes},
         batch_format="pyarrow", zero_copy_batch=True) for split in ("train", "val")}, job.prior.model, {})
@@ -216,7 +217,7 @@ def _vqvae_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelCon
     from galray.data.store import read_store
 
     plan = _image_plan(job, storage)
-    ds = read_store(job.data, storage, columns=[ID_COLUMN, plan.column])
+    ds = read_store(job.input, storage, columns=[ID_COLUMN, plan.column])
     return ({split: ds.map_batches(vqvae_batch, fn_kwargs={
         "split": split, "val_fraction": job.val_fraction, "plan": plan}, batch_format="numpy")
         for split in ("train", "val")}, job.vqvae.model, {})

@@ -23,7 +23,6 @@ On the driver, ``fit``
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 import time
@@ -179,7 +178,3 @@ def fit(job: TrainJob) -> TrainSummary:
         replica_max_diff=float(ret.get("replica_max_diff", 0.0)),
         metrics={k: float(v) for k, v in (ret.get("last") or {}).items()},
         eval={k: float(v) for k, v in (ret.get("eval") or {}).items()})
-
-
-def summary_json(summary: TrainSummary) -> str:
-    return json.dumps(summary.to_json(), indent=2)

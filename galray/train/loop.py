@@ -73,6 +73,16 @@ def batch_rows(batch: Mapping[str, Tensor]) -> int:
     return next(iter(batch.values())).shape[0]
 
 
+def limit_rows(batches: Iterable[Mapping[str, Tensor]], max_rows: int = 0) -> Iterator[Mapping[str, Tensor]]:
+    """The batches up to and including the one that reaches ``max_rows`` rows (0: all of them)."""
+    n = 0
+    for batch in batches:
+        yield batch
+        n += batch_rows(batch)
+        if max_rows and n >= max_rows:
+            return
+
+
 def repeat(batches: Iterable[B]) -> Iterator[B]:
     """Iterate a re-iterable (a list, a DataLoader) again and again; an empty one raises."""
     while True:

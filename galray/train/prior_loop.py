@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from galray.config import check
 from galray.models.prior import Prior, PriorConfig
-from galray.train.loop import Evaluation, set_lr, unwrap
+from galray.train.loop import Evaluation, limit_rows, set_lr, unwrap
 
 
 @dataclass(frozen=True)
@@ -120,14 +120,12 @@ def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], max_rows
     prior.eval()
     loss_sum = acc_sum = 0.0
     n = 0
-    for b in batches:
+    for b in limit_rows(batches, max_rows):
         codes, labels = b["codes"].long(), b["label"].long()
         out = prior(codes, labels)
         loss_sum += float(out.loss) * codes.shape[0]
         acc_sum += float((out.logits.argmax(-1) == codes).float().mean()) * codes.shape[0]
         n += codes.shape[0]
-        if max_rows and n >= max_rows:
-            break
     prior.train(was_training)
     if n == 0:
         return Evaluation({}, {})

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from galray.config import check
 from galray.models.codebook_metrics import CodebookMetrics
 from galray.models.vqvae import VQVAE, pixels_to_model
-from galray.train.loop import Evaluation, batch_rows, repeat, set_lr, unwrap
+from galray.train.loop import Evaluation, batch_rows, limit_rows, repeat, set_lr, unwrap
 
 
 @dataclass(frozen=True)
@@ -96,13 +96,11 @@ def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], max_rows
     device = next(vq.parameters()).device
     metrics = CodebookMetrics(vq.cfg.codebook_size)
     n = 0
-    for b in batches:
+    for b in limit_rows(batches, max_rows):
         x = _model_input(b, device)
         out = vq(x)
         metrics.update(out.indices, x=x, x_hat=out.x_hat)
         n += x.shape[0]
-        if max_rows and n >= max_rows:
-            break
     vq.train(was_training)
     if n == 0:
         return Evaluation({}, {})
