@@ -320,7 +320,8 @@ def _add_flag(p: argparse.ArgumentParser, job_cls: type, flag: Flag) -> None:
         kwargs.update(action="store_const", const=flag.const)
     else:
         choices = _choices(tp)
-        kwargs.update(choices=choices, metavar=flag.metavar or (None if choices else flag.field.rsplit(".", 1)[-1].upper()))
+        metavar = flag.metavar or (None if choices else flag.field.rsplit(".", 1)[-1].upper())
+        kwargs.update(choices=choices, metavar=metavar)
     if flag.name.startswith("-"):
         p.add_argument(flag.name, dest=flag.field, **kwargs)
     else:  # optional positional, so that --config may give it instead

@@ -61,72 +61,80 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(path, f"expected a mapping for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, path)
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(path, "must not be null")
-        options = [arg for arg in args if arg is not type(None)]
-        if len(options) == 1:  # Optional[X]: X's own error names the field and the problem
-            return _convert(value, options[0], path)
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, path)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(path, f"{value!r} does not match {_type_name(tp)}")
+        return _convert_union(value, tp, path)
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
             raise ConfigError(path, f"must be one of {list(allowed)}, got {value!r}")
         return value
     if origin in (tuple, list):
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(path, f"expected a list, got {value!r}")
-        args = get_args(tp)
-        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            items = [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
-        elif origin is tuple and args:
-            if len(args) != len(value):
-                raise ConfigError(path, f"expected {len(args)} items, got {len(value)}")
-            items = [_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
-        else:
-            item_tp = args[0] if args else Any
-            items = [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return _convert_sequence(value, tp, path)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(path, f"expected a mapping, got {value!r}")
         key_tp, val_tp = get_args(tp) or (Any, Any)
         return {_convert(k, key_tp, path): _convert(v, val_tp, _join(path, str(k))) for k, v in value.items()}
+    if tp in (bool, int, float, str):
+        return _convert_scalar(value, tp, path)
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
+
+
+def _convert_union(value: Any, tp: Any, path: str) -> Any:
+    args = get_args(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(path, "must not be null")
+    options = [arg for arg in args if arg is not type(None)]
+    if len(options) == 1:  # Optional[X]: X's own error names the field and the problem
+        return _convert(value, options[0], path)
+    for arg in options:
+        try:
+            return _convert(value, arg, path)
+        except ConfigError:
+            pass
+    raise ConfigError(path, f"{value!r} does not match {_type_name(tp)}")
+
+
+def _convert_sequence(value: Any, tp: Any, path: str) -> list[Any] | tuple[Any, ...]:
+    origin, args = get_origin(tp), get_args(tp)
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ConfigError(path, f"expected a list, got {value!r}")
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        items = [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    elif origin is tuple and args:
+        if len(args) != len(value):
+            raise ConfigError(path, f"expected {len(args)} items, got {len(value)}")
+        items = [_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+    else:
+        item_tp = args[0] if args else Any
+        items = [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def _convert_scalar(value: Any, tp: type, path: str) -> bool | int | float | str:
+    """bool, int, float or str; numbers may come as text (see :func:`_parse_number`), and must be finite."""
     if tp is bool:
         if isinstance(value, bool):
             return value
         raise ConfigError(path, f"expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, str):
-            value = _parse_number(value, path, integer=True)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(path, f"expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            value = _parse_number(value, path)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(path, f"expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(path, f"must be a finite number, got {value!r}")
-        return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(path, f"expected a string, got {value!r}")
         return value
-    if isinstance(tp, type) and isinstance(value, tp):
+    if isinstance(value, str):
+        value = _parse_number(value, path, integer=tp is int)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected an integer, got {value!r}")
         return value
-    raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(path, f"expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(path, f"must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _parse_number(text: str, path: str, integer: bool = False) -> int | float:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
@@ -25,7 +26,7 @@ from galray.storage import StorageConfig, check_access, join
 MAX_CATEGORIES = 50
 
 
-def shard_paths(uri: str, storage: StorageConfig | None = None) -> tuple[Any, list[str]]:
+def shard_paths(uri: str, storage: StorageConfig | None = None) -> tuple[pafs.FileSystem, list[str]]:
     """``(filesystem, [shard paths])`` of a store, sorted; a clear error if there is none."""
     fs, _, files = input_shards(uri, storage)
     return fs, [f.path for f in files]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,68 +132,98 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point. ``config``: job (TrainJob as a dict, storage and tracking resolved),
     run_id (MLflow), model (the resolved model config as a dict) and init_state (driver-fitted tensors)."""
     job = from_dict(TrainJob, config["job"])
-    loop, tcfg = job.loop, job.train_config()
+    tcfg = job.train_config()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    model = build_model(loop, config["model"], job.seed)
+    model = build_model(job.loop, config["model"], job.seed)
     start, state = _restore(model, config.get("init_state") or {})
     ddp = ray.train.torch.prepare_model(model)
-    optimizer = loop.make_optimizer(ddp, tcfg)
+    optimizer = job.loop.make_optimizer(ddp, tcfg)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
     # The step's randomness differs per rank, and is seeded again from the step after a restart.
     generator = torch.Generator(device=device).manual_seed(tcfg.seed * 1_000_003 + rank * 7919 + start)
-
     run_id = config.get("run_id")
     tracker = Tracker(from_dict(TrackingConfig, config["job"]["tracking"]), run_id=run_id) if (
         rank == 0 and run_id) else None
-
-    shard = ray.train.get_dataset_shard("train")
-    step, epoch = start, 0
-    t0, rows_seen = time.perf_counter(), 0
-    last: dict[str, float] = {}
-    while step < job.steps:
-        batches = 0
-        for batch in shard.iter_torch_batches(batch_size=job.batch_size, drop_last=True, device=device,
-                                              local_shuffle_buffer_size=4 * job.batch_size,
-                                              local_shuffle_seed=job.seed + 1000 * epoch + rank + 7 * start):
-            batches += 1
-            _maybe_fail(step, rank, world)
-            lr = loop.lr_at(step, tcfg)
-            set_lr(optimizer, lr)
-            stats = {k: float(v) for k, v in loop.train_step(ddp, optimizer, batch, tcfg, generator).items()}
-            step += 1
-            rows_seen += batch_rows(batch) * world
-            is_ckpt = step % job.checkpoint_every == 0 or step == job.steps
-            if step % job.log_every == 0 or is_ckpt:
-                stats = _mean_over_ranks(stats, device)
-                elapsed = time.perf_counter() - t0
-                last = {**stats, "lr": lr, "samples_per_s": rows_seen / max(elapsed, 1e-9), "epoch": float(epoch)}
-                if tracker is not None:
-                    tracker.log_metrics(last, step=step)
-                metrics = {**last, "step": step, "resumed_from_step": start}
-                if is_ckpt:
-                    _report_checkpoint(model, optimizer, job.kind, metrics, step, rank, run_id)
-                else:
-                    ray.train.report(metrics)
-            if step >= job.steps:
-                break
-        if batches == 0:
-            raise RuntimeError(f"the training split gives no full batch of {job.batch_size} rows per worker "
-                               f"({world} workers): use a smaller batch_size or more data")
-        epoch += 1
+    worker = _Worker(job, tcfg, model, ddp, optimizer, generator, start, rank, world, device, tracker, run_id)
+    step, last = worker.run()
 
     diff = replica_max_diff(model, device)
     if rank != 0:
         return {}
-    evaluation = loop.evaluate(
+    evaluation = job.loop.evaluate(
         model, ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=job.batch_size, device=device),
         job.eval_max_rows)
     if tracker is not None and evaluation.metrics:
         tracker.log_metrics(evaluation.metrics, step=step)
     return {"step": step, "resumed_from_step": start, "replica_max_diff": diff, "last": last,
             "eval": evaluation.metrics, "figure_data": evaluation.figure_data}
+
+
+@dataclass
+class _Worker:
+    """One rank's training: its model (bare and DDP-wrapped), optimizer and step generator."""
+
+    job: TrainJob
+    tcfg: Any
+    """The kind's TrainConfig as run (job.train_config())."""
+    model: nn.Module
+    ddp: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    start: int
+    rank: int
+    world: int
+    device: torch.device
+    tracker: Tracker | None
+    run_id: str | None
+
+    def run(self) -> tuple[int, dict[str, float]]:
+        """Steps from ``start`` to ``job.steps`` over repeated epochs of this rank's shard;
+        returns (the last step, the last metrics logged)."""
+        job, shard = self.job, ray.train.get_dataset_shard("train")
+        step, epoch = self.start, 0
+        t0, rows_seen = time.perf_counter(), 0
+        last: dict[str, float] = {}
+        while step < job.steps:
+            batches = 0
+            seed = job.seed + 1000 * epoch + self.rank + 7 * self.start
+            for batch in shard.iter_torch_batches(batch_size=job.batch_size, drop_last=True, device=self.device,
+                                                  local_shuffle_buffer_size=4 * job.batch_size, local_shuffle_seed=seed):
+                batches += 1
+                _maybe_fail(step, self.rank, self.world)
+                lr = job.loop.lr_at(step, self.tcfg)
+                set_lr(self.optimizer, lr)
+                stats = job.loop.train_step(self.ddp, self.optimizer, batch, self.tcfg, self.generator)
+                step += 1
+                rows_seen += batch_rows(batch) * self.world
+                if step % job.log_every == 0 or self._is_checkpoint(step):
+                    elapsed = time.perf_counter() - t0
+                    last = {**_mean_over_ranks({k: float(v) for k, v in stats.items()}, self.device), "lr": lr,
+                            "samples_per_s": rows_seen / max(elapsed, 1e-9), "epoch": float(epoch)}
+                    self._report(last, step)
+                if step >= job.steps:
+                    break
+            if batches == 0:
+                raise RuntimeError(f"the training split gives no full batch of {job.batch_size} rows per worker "
+                                   f"({self.world} workers): use a smaller batch_size or more data")
+            epoch += 1
+        return step, last
+
+    def _is_checkpoint(self, step: int) -> bool:
+        return step % self.job.checkpoint_every == 0 or step == self.job.steps
+
+    def _report(self, last: dict[str, float], step: int) -> None:
+        """Log to MLflow (rank 0), and report to Ray Train, with a checkpoint when one is due (a barrier)."""
+        if self.tracker is not None:
+            self.tracker.log_metrics(last, step=step)
+        metrics = {**last, "step": step, "resumed_from_step": self.start}
+        if self._is_checkpoint(step):
+            _report_checkpoint(self.model, self.optimizer, self.job.kind, metrics, step, self.rank, self.run_id)
+        else:
+            ray.train.report(metrics)
 
 
 def _report_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, kind: str, metrics: dict[str, Any],
