@@ -211,7 +211,8 @@ def test_generate_grid_writes_png(tmp_path):
     vq = pytest.importorskip("galray.models.vqvae")
     from PIL import Image
 
-    from galray.stages.generate import generate_grid, image_grid
+    from galray.cli import main
+    from galray.stages.generate import generate_grid
 
     torch.manual_seed(0)
     vcfg = vq.VQVAEConfig(image_size=16, channels=(8, 8), latent_size=4, code_dim=8, codebook_size=32,
@@ -228,6 +229,10 @@ def test_generate_grid_writes_png(tmp_path):
     assert Image.open(again).tobytes() == img.tobytes()
     other = generate_grid(tmp_path / "prior", tmp_path / "vq", tmp_path / "other.png", label=-1, **kw)
     assert Image.open(other).tobytes() != img.tobytes()
+    # the CLI: the same settings as flags give the same picture
+    assert main(["generate", "--prior", str(tmp_path / "prior"), "--vqvae", str(tmp_path / "vq"), "--output",
+                 str(tmp_path / "cli.png"), "--n", "5", "--cfg-scale", "2", "--top-k", "10", "--top-p", "0.9"]) == 0
+    assert Image.open(tmp_path / "cli.png").tobytes() == img.tobytes()
     # a prior whose vocabulary does not match the codebook is refused
     save_model(Prior(PriorConfig(vocab_size=64, num_classes=3, seq_len=16, d_model=32, n_layers=1, n_heads=2)),
                tmp_path / "prior64")
