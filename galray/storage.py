@@ -6,7 +6,8 @@ Both are configured from the same :class:`StorageConfig`, or from the standard A
 ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION`` / ``AWS_REGION``.
 
-Credentials are never printed: they are excluded from reprs, and redacted when configs are dumped.
+Credentials are never printed: they are excluded from reprs, and redacted when configs are dumped
+(``galray.config.SECRET_KEYS``).
 No Ray import here, so this module is safe everywhere.
 """
 
@@ -81,9 +82,6 @@ class StorageConfig:
             self.secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY"),
             self.session_token or os.environ.get("AWS_SESSION_TOKEN"),
         )
-
-
-SECRET_FIELDS = frozenset({"access_key_id", "secret_access_key", "session_token"})
 
 
 def is_s3(uri: str) -> bool:
