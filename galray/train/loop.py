@@ -8,6 +8,9 @@ A training kind is a loop module with this face plus a section in :mod:`galray.t
 ``TrainConfig``       the kind's optimisation settings (a frozen dataclass with ``lr`` and ``seed``)
 ``MODEL``             the model class it trains (built from its config, saved by models.checkpoint)
 ``CURVES``            the step metrics drawn as the run's loss curves
+``OBJECTIVE``         ``(metric, mode)``: the validation metric a hyperparameter campaign optimises by
+                      default (``galray tune``), one of ``evaluate``'s ``val_*`` keys; the other
+                      ``val_*`` metrics are reported beside it
 ``make_optimizer``    ``(model, cfg) -> Optimizer``; ``model`` may be wrapped in DDP
 ``lr_at``             ``(step, cfg) -> float``: the learning rate of step ``step`` (0-based); the
                       caller sets it (:func:`set_lr`) before every step, so a resumed run needs no
@@ -46,6 +49,7 @@ class Loop(Protocol):
     TrainConfig: type
     MODEL: type[nn.Module]
     CURVES: tuple[str, ...]
+    OBJECTIVE: tuple[str, str]
 
     def make_optimizer(self, model: nn.Module, cfg: Any) -> torch.optim.Optimizer: ...
 

@@ -156,3 +156,5 @@ def train(model: Prior, codes_NT: Tensor, labels_N: Tensor, cfg: PriorTrainConfi
 TrainConfig = PriorTrainConfig
 MODEL = Prior
 CURVES = ("loss", "acc")
+# Held-out next-code cross-entropy; token accuracy beside it.
+OBJECTIVE = ("val_loss", "min")

@@ -237,3 +237,5 @@ def train(model: nn.Module, x_train: Tensor | Iterable[Tensor], cfg: SAETrainCon
 TrainConfig = SAETrainConfig
 MODEL = SparseAutoencoder
 CURVES = ("loss", "fvu", "aux_loss", "l0")
+# Held-out fraction of variance unexplained; val_l0_mean and val_dead_frac beside it.
+OBJECTIVE = ("val_fvu", "min")

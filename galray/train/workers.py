@@ -39,7 +39,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import ray.train
@@ -68,10 +68,10 @@ def build_model(loop: Loop, model_config: dict[str, Any], seed: int) -> nn.Modul
     return loop.MODEL(from_dict(loop.MODEL.config_class, model_config))
 
 
-def _restore(model: nn.Module, init_state: dict[str, np.ndarray]) -> tuple[int, dict[str, Any] | None]:
-    """(start step, training state) from Ray Train's checkpoint if it hands one (a restart or a rerun
+def _restore(model: nn.Module, init_state: dict[str, np.ndarray], checkpoint: "ray.train.Checkpoint | None"
+             ) -> tuple[int, dict[str, Any] | None]:
+    """(start step, training state) from the checkpoint Ray hands over if any (a restart or a rerun
     of the same run), else (0, None) with the driver's initial state copied into the fresh model."""
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             load_checkpoint_model(model, Path(d))
@@ -132,24 +132,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point. ``config``: job (TrainJob as a dict, storage and tracking resolved),
     run_id (MLflow), model (the resolved model config as a dict) and init_state (driver-fitted tensors)."""
     job = from_dict(TrainJob, config["job"])
-    tcfg = job.train_config()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    model = build_model(job.loop, config["model"], job.seed)
-    start, state = _restore(model, config.get("init_state") or {})
-    ddp = ray.train.torch.prepare_model(model)
-    optimizer = job.loop.make_optimizer(ddp, tcfg)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    # The step's randomness differs per rank, and is seeded again from the step after a restart.
-    generator = torch.Generator(device=device).manual_seed(tcfg.seed * 1_000_003 + rank * 7919 + start)
     run_id = config.get("run_id")
     tracker = Tracker(from_dict(TrackingConfig, config["job"]["tracking"]), run_id=run_id) if (
         rank == 0 and run_id) else None
-    worker = _Worker(job, tcfg, model, ddp, optimizer, generator, start, rank, world, device, tracker, run_id)
+    worker = Worker.create(job, config["model"], config.get("init_state") or {}, ray.train.get_checkpoint(),
+                           ray.train.get_dataset_shard("train"), device, ray.train.torch.prepare_model, rank, world,
+                           tracker, run_id)
     step, last = worker.run()
 
+    model, start = worker.model, worker.start
     diff = replica_max_diff(model, device)
     if rank != 0:
         return {}
@@ -163,14 +157,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
-class _Worker:
-    """One rank's training: its model (bare and DDP-wrapped), optimizer and step generator."""
+class Worker:
+    """One rank's training: its model (bare and wrapped), optimizer, step generator and training data.
+
+    The Ray Train worker reports through ``ray.train.report``; a Tune trial
+    (:mod:`galray.train.tune_trial`) runs the same steps and overrides :meth:`_report`.
+    """
 
     job: TrainJob
     tcfg: Any
     """The kind's TrainConfig as run (job.train_config())."""
     model: nn.Module
     ddp: nn.Module
+    """The model as trained: DDP-wrapped under Ray Train, the bare model on its device in a trial."""
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     start: int
@@ -179,11 +178,34 @@ class _Worker:
     device: torch.device
     tracker: Tracker | None
     run_id: str | None
+    shard: Any
+    """This rank's training data: anything with Ray Data's ``iter_torch_batches`` (a Train dataset
+    shard, or a whole Dataset in a single-process trial)."""
+
+    @classmethod
+    def create(cls, job: TrainJob, model_config: dict[str, Any], init_state: dict[str, np.ndarray],
+               checkpoint: "ray.train.Checkpoint | None", shard: Any, device: torch.device,
+               wrap: Callable[[nn.Module], nn.Module], rank: int = 0, world: int = 1, tracker: Tracker | None = None,
+               run_id: str | None = None, **extra: Any) -> "Worker":
+        """The kind's model built from ``model_config`` with the driver's ``init_state``, or restored from
+        ``checkpoint`` (model, optimizer, step), then ``wrap``-ped (DDP, or moved to ``device``);
+        ``extra``: a subclass's own fields."""
+        tcfg = job.train_config()
+        model = build_model(job.loop, model_config, job.seed)
+        start, state = _restore(model, init_state, checkpoint)
+        ddp = wrap(model)
+        optimizer = job.loop.make_optimizer(ddp, tcfg)
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        # The step's randomness differs per rank, and is seeded again from the step after a restart.
+        generator = torch.Generator(device=device).manual_seed(tcfg.seed * 1_000_003 + rank * 7919 + start)
+        return cls(job, tcfg, model, ddp, optimizer, generator, start, rank, world, device, tracker, run_id, shard,
+                   **extra)
 
     def run(self) -> tuple[int, dict[str, float]]:
         """Steps from ``start`` to ``job.steps`` over repeated epochs of this rank's shard;
         returns (the last step, the last metrics logged)."""
-        job, shard = self.job, ray.train.get_dataset_shard("train")
+        job, shard = self.job, self.shard
         step, epoch = self.start, 0
         t0, rows_seen = time.perf_counter(), 0
         last: dict[str, float] = {}
