@@ -1,6 +1,6 @@
-"""Ray job entrypoint: `ray job submit --working-dir . -- python jobs/embed.py [options]`.
+"""Ray job entrypoint for `galray embed`: takes exactly its options (`galray embed --help`).
 
-Takes exactly the options of `galray embed` (see `galray embed --help`) and runs the same library call.
+    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/embed.py --config jobs/configs/embed.yaml
 """
 
 import sys

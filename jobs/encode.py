@@ -1,6 +1,6 @@
-"""Ray job entrypoint: `ray job submit --working-dir . -- python jobs/encode.py [options]`.
+"""Ray job entrypoint for `galray encode`: takes exactly its options (`galray encode --help`).
 
-Takes exactly the options of `galray encode` (see `galray encode --help`) and runs the same library call.
+    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/encode.py [options]
 """
 
 import sys

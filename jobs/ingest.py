@@ -1,6 +1,6 @@
-"""Ray job entrypoint: `ray job submit --working-dir . -- python jobs/ingest.py [options]`.
+"""Ray job entrypoint for `galray ingest`: takes exactly its options (`galray ingest --help`).
 
-Takes exactly the options of `galray ingest` (see `galray ingest --help`) and runs the same library call.
+    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/ingest.py [options]
 """
 
 import sys

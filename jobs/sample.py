@@ -1,6 +1,6 @@
-"""Ray job entrypoint: `ray job submit --working-dir . -- python jobs/sample.py [options]`.
+"""Ray job entrypoint for `galray sample`: takes exactly its options (`galray sample --help`).
 
-Takes exactly the options of `galray sample` (see `galray sample --help`) and runs the same library call.
+    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/sample.py [options]
 """
 
 import sys

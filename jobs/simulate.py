@@ -1,6 +1,6 @@
-"""Ray job entrypoint: `ray job submit --working-dir . -- python jobs/simulate.py [options]`.
+"""Ray job entrypoint for `galray simulate`: takes exactly its options (`galray simulate --help`).
 
-Takes exactly the options of `galray simulate` (see `galray simulate --help`) and runs the same library call.
+    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/simulate.py --config jobs/configs/simulate.yaml
 """
 
 import sys

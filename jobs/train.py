@@ -1,7 +1,6 @@
-"""Ray job entrypoint: `ray job submit -- python jobs/train.py --config jobs/configs/sae.yaml [--set k=v ...]`.
+"""Ray job entrypoint for `galray train`: takes exactly its options (`galray train --help`).
 
-Takes exactly the options of `galray train` (see `galray train --help`) and runs the same library call;
-the config file names the kind (sae, vqvae or prior).
+    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/train.py --config jobs/configs/sae.yaml
 """
 
 import sys
