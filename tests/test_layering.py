@@ -133,7 +133,8 @@ def test_jobs_only_call_the_cli_with_their_verb():
         imports = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imports |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert imports <= {"sys", "galray.cli"}, (job.name, imports)
-        assert f'main(["{job.stem}", *sys.argv[1:]])' in job.read_text(), job.name
+        words = ", ".join(f'"{w}"' for w in job.stem.split("_"))  # jobs/train_sae.py -> galray train sae
+        assert f'main([{words}, *sys.argv[1:]])' in job.read_text(), job.name
 
 
 # --- one name, one definition ----------------------------------------------------------------------
