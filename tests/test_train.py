@@ -21,7 +21,7 @@ from galray.data.shards import ImageSpec, make_table, shard_name, write_table
 from galray.data.galsim_survey import SimConfig, render_batch
 from galray.storage import arrow_filesystem
 from galray.train.config import TrainJob
-from galray.train.datasets import is_val
+from galray.data.split import is_val
 
 # Rows per shard and shards of the test stores.
 ROWS, SHARDS = 120, 2

@@ -22,7 +22,6 @@ rows equal the input rows. Shards whose output exists are skipped, so a rerun re
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -32,6 +31,7 @@ import pyarrow.parquet as pq
 
 from galray import __version__
 from galray.config import ConfigError, check, dumps
+from galray.data.checkpoints import read_checkpoint, weights_hash
 from galray.data.cutouts import CutoutError
 from galray.data.preprocess import ImagePlan, PreprocessConfig, plan_for, plan_images, prepare_image
 from galray.data.resume import plan_shard_work
@@ -39,7 +39,7 @@ from galray.data.shards import CONFIG_NAME, ID_COLUMN
 from galray.data.stores import CODES_STORE_VERSION, codes_table, footer_rows, shard_stem, write_shard
 from galray.stages.pool import ActorPoolConfig, pool_size
 from galray.stages.summary import StageSummary
-from galray.storage import StorageConfig, StorageError, arrow_filesystem, join, write_text
+from galray.storage import StorageConfig, arrow_filesystem, join, write_text
 
 if TYPE_CHECKING:
     from galray.models.checkpoint import CheckpointBytes
@@ -82,21 +82,6 @@ class EncodeJob:
         check(bool(self.output), "output", "an output store URI is required")
         check(self.input.rstrip("/") != self.output.rstrip("/"), "output", "must differ from the input store")
         check(self.batch_size >= 1, "batch_size", "must be at least 1")
-
-
-def read_checkpoint(uri: str, storage: StorageConfig | None = None) -> "CheckpointBytes":
-    """(config.json, model.safetensors) bytes of a checkpoint folder, local or on S3."""
-    from galray.models.checkpoint import MODEL_CONFIG_NAME, WEIGHTS_NAME, CheckpointBytes
-
-    fs, root = arrow_filesystem(uri, storage)
-    out = []
-    for name in (MODEL_CONFIG_NAME, WEIGHTS_NAME):
-        try:
-            with fs.open_input_stream(f"{root}/{name}") as f:
-                out.append(f.read())
-        except (FileNotFoundError, OSError) as err:
-            raise StorageError(f"cannot read {join(uri, name)}: is {uri} a VQ-VAE checkpoint folder? ({err})") from None
-    return CheckpointBytes(out[0], out[1])
 
 
 def load_vqvae(checkpoint: "CheckpointBytes") -> "VQVAE":
@@ -190,13 +175,13 @@ def encode_store(job: EncodeJob) -> StageSummary:
     job = dataclasses.replace(job, storage=job.storage.resolved())  # actors don't see the driver's env
     work = plan_shard_work(job.input, job.output, job.storage, job.overwrite)
     fs_in, shards, todo = work.fs_in, work.shards, work.todo
-    checkpoint = read_checkpoint(job.vqvae, job.storage)
+    checkpoint = read_checkpoint(job.vqvae, job.storage, "a VQ-VAE checkpoint")
     cfg = load_vqvae(checkpoint).cfg  # a bad checkpoint fails here, before any actor starts
     plan = plan_for(pq.read_schema(shards[0].path, filesystem=fs_in), cfg.image_size, cfg.in_channels,
                     job.preprocess)
     provenance = {"codes_store_version": CODES_STORE_VERSION, "producer": "galray encode",
                   "galray_version": __version__, "vqvae": job.vqvae,
-                  "weights": "sha256:" + hashlib.sha256(checkpoint.weights).hexdigest(), "grid": [cfg.latent_size] * 2,
+                  "weights": weights_hash(checkpoint.weights), "grid": [cfg.latent_size] * 2,
                   "codebook_size": cfg.codebook_size, "image_size": cfg.image_size,
                   "label_column": job.label_column, "preprocessing": plan.to_json(), "input": job.input}
 

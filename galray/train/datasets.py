@@ -1,8 +1,8 @@
 """The training data of each kind, built on the driver as Ray Datasets, and what the driver learns from it.
 
 :func:`build_datasets` reads the input store of ``job.kind`` (one builder per kind in
-``BUILDERS``) into a train and a validation split, chosen by ``crc32(object_id)`` (the same object
-is always on the same side, whatever the shard layout), as the batch dicts the kind's loop takes:
+``BUILDERS``) into a train and a validation split, chosen by ``crc32(object_id)`` (:mod:`galray.data.split`:
+the same object is always on the same side, whatever the shard layout), as the batch dicts the kind's loop takes:
 
 - ``sae``: an embedding store -> ``{"x": (N, D) float32}``; the driver also fits the normalisation
   and the geometric-median ``b_pre`` once on the first training rows, so every rank starts identical;
@@ -17,7 +17,6 @@ The batch functions run in Ray Data tasks; Ray is imported inside functions.
 from __future__ import annotations
 
 import contextlib
-import zlib
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -29,6 +28,7 @@ from galray.config import ConfigError
 from galray.data.cutouts import CutoutError
 from galray.data.preprocess import ImagePlan, plan_for, prepare_image
 from galray.data.shards import ID_COLUMN, read_metadata
+from galray.data.split import is_val
 from galray.data.stores import CODES_COLUMN, EMBEDDING_COLUMN, LABEL_COLUMN, list_column_values
 from galray.models.prior import PriorConfig
 from galray.models.sae import SAEConfig
@@ -52,16 +52,6 @@ class PreparedData(NamedTuple):
     """The model config as run (the SAE's d_in comes from the store)."""
     init_state: dict[str, np.ndarray]
     """Parameters and buffers every rank starts from (the SAE's normalisation and b_pre); {} for the others."""
-
-
-# --- the validation split --------------------------------------------------------------------------
-
-def is_val(object_ids: Sequence[Any], fraction: float) -> np.ndarray:
-    """(N,) bool: True for objects in the validation split, ``crc32(object_id) < fraction * 2**32``."""
-    if fraction <= 0:
-        return np.zeros(len(object_ids), dtype=bool)
-    h = np.fromiter((zlib.crc32(str(i).encode()) for i in object_ids), dtype=np.uint64, count=len(object_ids))
-    return h < np.uint64(int(fraction * 2**32))
 
 
 def _keep(ids: Sequence[Any], split: str, fraction: float) -> np.ndarray:
