@@ -14,6 +14,13 @@ shard.
 ``label`` (int64, -1 for "no label"); ``grid``, ``codebook_size``, ``image_size``, checkpoint and
 weights hash, preprocessing and source shard in the metadata.
 
+**Feature store** (`galray features`): ``object_id`` (string, in the embedding file's order),
+``feature_indices`` (``list<int32>``) and ``feature_values`` (``list<float32>``): the latents a
+sparse autoencoder found active for that object, strongest first (a CSR row: a few dozen numbers
+instead of the dense embedding), then the catalog columns carried through from the cutout store
+(scalars only: numbers, booleans, strings). SAE checkpoint and weights hash, width, k, threshold,
+the embedding store and the cutout shard the catalog came from are in the metadata.
+
 **Writing a shard** (:func:`write_shard`, used by ingest, embed and encode): the errors file is
 written (or a stale one removed) first and the output file last, each atomically, so an existing
 output file always means its input shard is completely done and a rerun can skip it.
@@ -39,8 +46,11 @@ from galray.storage import StorageConfig, StorageError, arrow_filesystem
 EMBEDDING_COLUMN = "embedding"
 CODES_COLUMN = "codes"
 LABEL_COLUMN = "label"
+FEATURE_INDICES_COLUMN = "feature_indices"
+FEATURE_VALUES_COLUMN = "feature_values"
 EMBED_STORE_VERSION = 1
 CODES_STORE_VERSION = 1
+FEATURES_STORE_VERSION = 1
 
 
 def shard_stem(path: str) -> str:
@@ -128,3 +138,140 @@ def codes_table(ids: list[str], codes_NT: np.ndarray, labels_N: np.ndarray, code
                       CODES_COLUMN: pa.FixedSizeListArray.from_arrays(flat, codes_NT.shape[1]),
                       LABEL_COLUMN: pa.array(np.asarray(labels_N, np.int64), pa.int64())})
     return _with_metadata(table, metadata)
+
+
+# --- feature store --------------------------------------------------------------------------------
+
+def is_catalog_type(typ: pa.DataType) -> bool:
+    """Columns a derived store may carry through from a cutout store: plain numbers, booleans and strings.
+
+    Anything else (tensors, lists, structs, extension types: some unpickle when read) stays behind."""
+    return (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_boolean(typ)
+            or pa.types.is_string(typ) or pa.types.is_large_string(typ))
+
+
+def feature_table(ids: Sequence[str], offsets_N1: np.ndarray, indices: np.ndarray, values: np.ndarray,
+                  catalog: pa.Table | None, metadata: Mapping[str, Any]) -> pa.Table:
+    """The feature store's table: object_id, the sparse rows as two list columns sharing ``offsets_N1``
+    (row i holds ``indices[offsets[i]:offsets[i+1]]``), then ``catalog``'s columns (same row order)."""
+    offsets = pa.array(np.asarray(offsets_N1, np.int32), pa.int32())
+    columns = {ID_COLUMN: pa.array(list(ids), pa.string()),
+               FEATURE_INDICES_COLUMN: pa.ListArray.from_arrays(offsets, pa.array(np.asarray(indices, np.int32))),
+               FEATURE_VALUES_COLUMN: pa.ListArray.from_arrays(offsets, pa.array(np.asarray(values, np.float32)))}
+    if catalog is not None:
+        if catalog.num_rows != len(ids):
+            raise ValueError(f"catalog has {catalog.num_rows} rows for {len(ids)} objects")
+        for name in catalog.column_names:
+            if name not in columns:
+                columns[name] = catalog.column(name)
+    return _with_metadata(pa.table(columns), metadata)
+
+
+def sparse_codes(codes_BF: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(B, F) codes -> CSR ``(offsets (B+1,), indices, values)``, each row's latents strongest first."""
+    rows, cols = np.nonzero(codes_BF > 0)
+    vals = codes_BF[rows, cols].astype(np.float32)
+    order = np.lexsort((cols, -vals, rows))  # by row, then value descending (ties by latent index)
+    counts = np.bincount(rows, minlength=codes_BF.shape[0])
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return offsets, cols[order].astype(np.int32), vals[order]
+
+
+def sparse_rows(table: pa.Table | pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(offsets (N+1,), indices (nnz,) int32, values (nnz,) float32)`` of a feature table's sparse columns."""
+    idx, val = table.column(FEATURE_INDICES_COLUMN), table.column(FEATURE_VALUES_COLUMN)
+    if isinstance(idx, pa.ChunkedArray):
+        idx, val = idx.combine_chunks(), val.combine_chunks()
+    offsets = np.asarray(idx.offsets.to_numpy(), np.int64)
+    start = offsets[0]
+    flat_i = idx.values.to_numpy()[start:offsets[-1]] if len(idx) else np.zeros(0, np.int32)
+    flat_v = val.values.to_numpy()[start:offsets[-1]] if len(val) else np.zeros(0, np.float32)
+    return offsets - start, flat_i.astype(np.int32, copy=False), flat_v.astype(np.float32, copy=False)
+
+
+def feature_files(uri: str, storage: StorageConfig | None = None) -> tuple[pafs.FileSystem, list[str]]:
+    """``(filesystem, [file paths])`` of a feature store; a clear error when it holds none."""
+    fs, root = arrow_filesystem(uri, storage)
+    files = [f.path for f in list_parquet(fs, root)]
+    if not files:
+        raise StorageError(f"{uri} holds no feature files (make them with `galray features`)")
+    return fs, files
+
+
+def top_activating(uri: str, latents: Sequence[int], n: int, storage: StorageConfig | None = None,
+                   batch_rows: int = 65_536) -> dict[int, list[tuple[float, str, str]]]:
+    """The ``n`` most activating objects of each latent in ``latents``: ``{latent: [(value, object_id,
+    file), ...]}``, strongest first (ties by object_id).
+
+    One streaming pass over the store that reads only the id and the two sparse columns, a record
+    batch at a time, so memory holds one batch plus ``n`` candidates per latent whatever the size.
+    """
+    import heapq
+
+    fs, files = feature_files(uri, storage)
+    wanted = np.asarray(sorted({int(j) for j in latents}), np.int64)
+    heaps: dict[int, list[tuple[float, str, str]]] = {int(j): [] for j in wanted}
+    for path in files:
+        pf = pq.ParquetFile(path, filesystem=fs)
+        for batch in pf.iter_batches(batch_size=batch_rows,
+                                     columns=[ID_COLUMN, FEATURE_INDICES_COLUMN, FEATURE_VALUES_COLUMN]):
+            offsets, idx, val = sparse_rows(batch)
+            hit = np.flatnonzero(np.isin(idx, wanted))
+            if not hit.size:
+                continue
+            rows = np.searchsorted(offsets, hit, side="right") - 1
+            ids = batch.column(ID_COLUMN).to_numpy(zero_copy_only=False)
+            hit_j, hit_v = idx[hit], val[hit]
+            for j in np.unique(hit_j):
+                sel = np.flatnonzero(hit_j == j)
+                if sel.size > n:  # only this batch's n strongest can enter the heap
+                    sel = sel[np.argpartition(-hit_v[sel], n - 1)[:n]]
+                heap = heaps[int(j)]
+                for i in sel:
+                    # min-heap of the n largest (value, id); _Desc makes ties keep the smaller object_id
+                    item = (float(hit_v[i]), _Desc(str(ids[rows[i]])), path)
+                    if len(heap) < n:
+                        heapq.heappush(heap, item)
+                    elif item > heap[0]:
+                        heapq.heapreplace(heap, item)
+    return {j: [(v, d.text, p) for v, d, p in sorted(h, reverse=True)] for j, h in heaps.items()}
+
+
+class _Desc:
+    """A string that orders backwards, so a min-heap of (value, _Desc(id)) prefers smaller ids on ties."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __lt__(self, other: "_Desc") -> bool:
+        return self.text > other.text
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Desc) and self.text == other.text
+
+
+def read_features(uri: str, storage: StorageConfig | None = None, max_rows: int = 0,
+                  columns: Sequence[str] | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """The first ``max_rows`` rows (0: all) of a feature store, files in name order, with a ``_file``
+    column naming each row's file, and the first file's metadata. For analysis samples that fit in memory."""
+    fs, files = feature_files(uri, storage)
+    tables, n, meta = [], 0, {}
+    for path in files:
+        pf = pq.ParquetFile(path, filesystem=fs)
+        if not meta:
+            meta = read_metadata(pf.schema_arrow)
+        names = [c for c in pf.schema_arrow.names if columns is None or c in columns
+                 or c in (ID_COLUMN, FEATURE_INDICES_COLUMN, FEATURE_VALUES_COLUMN)]
+        for batch in pf.iter_batches(batch_size=65_536, columns=names):
+            if max_rows and n + batch.num_rows > max_rows:
+                batch = batch.slice(0, max_rows - n)
+            table = pa.Table.from_batches([batch])
+            tables.append(table.append_column("_file", pa.array([path] * table.num_rows, pa.string())))
+            n += table.num_rows
+            if max_rows and n >= max_rows:
+                break
+        if max_rows and n >= max_rows:
+            break
+    return pa.concat_tables(tables, promote_options="default"), meta
