@@ -216,6 +216,23 @@ def _vqvae_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelCon
 BUILDERS: dict[str, Callable[[TrainJob, StorageConfig], tuple[Splits, ModelConfig, dict[str, np.ndarray]]]] = {
     "sae": _sae_data, "vqvae": _vqvae_data, "prior": _prior_data}
 
+# The job keys each kind's builder reads ("*": every kind): a hyperparameter campaign reads its data
+# once for all trials, so these cannot be searched (galray.train.tune_space).
+DATA_KEYS: dict[str, tuple[str, ...]] = {
+    "*": ("input", "val_fraction", "materialize"),
+    "sae": ("sae.norm_samples", "sae.model.d_in"),
+    "vqvae": ("vqvae.model.image_size", "vqvae.model.in_channels"),
+    "prior": ("prior.model.num_classes", "prior.model.seq_len", "prior.model.vocab_size")}
+
+# The model config of a job whose data is the same as that of the job whose builder returned ``built``
+# (a campaign builds the data once, with the base job, and varies the model per trial).
+MODEL_CONFIGS: dict[str, Callable[[TrainJob, ModelConfig], ModelConfig]] = {
+    "sae": lambda job, built: job.sae.model_config(built.d_in),
+    "vqvae": lambda job, built: job.vqvae.model,
+    "prior": lambda job, built: job.prior.model}
+assert set(BUILDERS) == set(DATA_KEYS) - {"*"} == set(MODEL_CONFIGS), \
+    "every kind has a builder, data keys and a model config"
+
 
 def build_datasets(job: TrainJob, storage: StorageConfig) -> PreparedData:
     """The kind's train and validation splits (materialised in the object store with ``job.materialize``;
