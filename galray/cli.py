@@ -242,6 +242,51 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
         Flag("--gpu", "scaling.use_gpu", "one GPU per worker (scaling.use_gpu)", const=True),
         Flag("--max-failures", "max_failures", "worker failures to recover from"),
         TRACKING_URI)),
+    Verb("tune", "galray.stages.tune", "TuneJob", "tune",
+         "hyperparameter campaign over a training config with Ray Tune (ASHA, Optuna), every trial in MLflow", _d("""
+        Search a `galray train` config (the same --config file and --set keys) with Ray Tune. The
+        search space is a YAML of dotted config keys, each with one distribution:
+          sae.model.k: {choice: [8, 16, 32]}          sae.train.lr: {loguniform: [1.0e-4, 1.0e-2]}
+          vqvae.model.beta: {uniform: [0.1, 0.5]}     sae.model.k: {randint: [4, 64]}  (ends included)
+          steps: {grid: [500, 1000]}                  (every value, in a seeded random order)
+        Every key is checked against the config before Ray starts (unknown key, a float range for an
+        integer, out-of-range values, an empty grid fail naming the key); see jobs/configs/tune_*_space*.yaml.
+        Objectives (--metric/--mode): sae: held-out FVU (val_fvu, min), with L0 (val_l0_mean) and dead
+        fraction (val_dead_frac) beside it; vqvae: held-out reconstruction MSE (val_mse, min), with codebook
+        utilisation and perplexity; prior: val_loss. Each trial evaluates on the same held-out rows every
+        --set tune.report_every steps (default a tenth of steps) and writes a checkpoint there; ASHA
+        (--scheduler asha, grace tune.grace_period, reduction factor tune.reduction_factor=3) stops the worse
+        trials at those reports. --search optuna uses Optuna's sampler (pip install 'galray[tune]').
+        Trials have one worker each (--workers 1) and run as many at once as the cluster holds (one GPU per
+        trial with --gpu); multi-worker trials run Ray Train and only with --scheduler none. The data is read
+        once, into Ray's object store, for all trials.
+        Everything goes to STORAGE_PATH/NAME (a folder or s3://): Tune's state, trial checkpoints,
+        results.csv (sorted by the objective, also printed), best_config.yaml (`galray train --config` takes
+        it unchanged), tune_campaign.png (learning curves with early-stopped trials marked, the objective
+        against each searched key). MLflow: one run for the campaign with one nested run per trial
+        (params = the trial's values, metrics by step); the best checkpoint is registered as galray-KIND.
+        Progress lines (started, finished, stopped early, errored, best so far) go to stderr.
+        An interrupted campaign continues with the same command plus --resume STORAGE_PATH/NAME: finished
+        trials are not run again, the others continue from their last checkpoint (only resume folders galray
+        wrote: Tune's saved state is unpickled). A new campaign never overwrites an existing folder."""), (
+        Flag("kind", "kind", "what to tune"),
+        Flag("--space", "tune.space", "search space YAML (dotted training keys -> distributions)", metavar="SPACE.yaml"),
+        Flag("--trials", "tune.trials", "trials in total", default="the grid's size"),
+        Flag("--scheduler", "tune.scheduler", "asha stops worse trials early; none runs every trial to the end"),
+        Flag("--search", "tune.search", "random (grid points shuffled, other keys drawn) or optuna (TPE)"),
+        Flag("--metric", "tune.metric", "objective", default="val_fvu (sae), val_mse (vqvae), val_loss (prior)"),
+        Flag("--mode", "tune.mode", "minimise or maximise the objective", default="min for the default objectives"),
+        Flag("--max-concurrent", "tune.max_concurrent", "trials at once", default="as many as the cluster holds"),
+        Flag("--resume", "tune.resume", "continue the interrupted campaign in this folder (STORAGE_PATH/NAME)",
+             metavar="PATH"),
+        Flag("--input", "input", "input store URI: embeddings (sae), cutouts (vqvae) or codes (prior)"),
+        Flag("--name", "name", "campaign name: its folder is STORAGE_PATH/NAME"),
+        Flag("--storage-path", "storage_path", "where campaigns go (folder or s3://bucket/prefix)"),
+        Flag("--steps", "steps", "optimizer steps of each trial"),
+        Flag("--batch-size", "batch_size", "rows per step"),
+        Flag("--workers", "scaling.num_workers", "workers per trial; campaigns use 1"),
+        Flag("--gpu", "scaling.use_gpu", "one GPU per worker: one GPU per trial", const=True),
+        TRACKING_URI)),
     Verb("generate", "galray.stages.generate", "GenerateJob", "generate",
          "sample galaxy images from a trained prior and VQ-VAE into a PNG grid", _d("""
         Sample code grids from the class-conditional transformer prior (KV-cached: one step per
