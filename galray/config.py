@@ -268,20 +268,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_dotted(data: dict[str, Any], keys: typing.Sequence[str], value: Any, source: str) -> None:
+    """Set ``data[keys[0]][keys[1]]... = value`` in place, creating nested mappings; ``source`` names what
+    asked for it in the error when a key on the way is a value."""
+    node = data
+    for i, k in enumerate(keys[:-1]):
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        elif not isinstance(nxt, dict):
+            raise ConfigError(".".join(keys[: i + 1]), f"is a value, not a section ({source})")
+        node = nxt
+    node[keys[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
     """Return a copy of ``data`` with each ``a.b=c`` override set (creating nested mappings)."""
     out = json.loads(json.dumps(data)) if data else {}
     for text in overrides:
         keys, value = parse_override(text)
-        node = out
-        for i, k in enumerate(keys[:-1]):
-            nxt = node.get(k)
-            if nxt is None:
-                nxt = node[k] = {}
-            elif not isinstance(nxt, dict):
-                raise ConfigError(".".join(keys[: i + 1]), f"is a value, not a section (override {text!r})")
-            node = nxt
-        node[keys[-1]] = value
+        set_dotted(out, keys, value, f"override {text!r}")
     return out
 
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from galray.config import ConfigError, from_dict, read_mapping, to_dict
+from galray.config import ConfigError, from_dict, read_mapping, set_dotted, to_dict
 from galray.train.config import KINDS, TrainJob
 from galray.train.datasets import DATA_KEYS
 
@@ -181,20 +181,11 @@ class SearchSpace:
                     f"{k}={json.dumps(v)}" for k, v in chosen.items()) + " is a config that")
 
 
-def set_dotted(data: Mapping[str, Any], key: str, value: Any) -> dict[str, Any]:
+def with_value(data: Mapping[str, Any], key: str, value: Any) -> dict[str, Any]:
     """A copy of ``data`` with the dotted ``key`` set to ``value``, as a Python value (never re-parsed
     from text, as ``--set`` overrides are)."""
     out = copy.deepcopy(dict(data))
-    node = out
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        elif not isinstance(nxt, dict):
-            raise ConfigError(".".join(parts[: i + 1]), f"is a value, not a section (space key {key!r})")
-        node = nxt
-    node[parts[-1]] = value
+    set_dotted(out, key.split("."), value, f"space key {key!r}")
     return out
 
 
@@ -202,7 +193,7 @@ def apply_values(base: TrainJob, values: Mapping[str, Any]) -> TrainJob:
     """``base`` with each dotted key set to its (decoded) value, validated as a whole."""
     data = to_dict(base)
     for key, value in values.items():
-        data = set_dotted(data, key, value)
+        data = with_value(data, key, value)
     return from_dict(TrainJob, data)
 
 
@@ -272,7 +263,7 @@ def _build(base: dict[str, Any], values: Mapping[str, Any], field: str, what: st
     data = base
     try:
         for key, value in values.items():
-            data = set_dotted(data, key, value)
+            data = with_value(data, key, value)
         from_dict(TrainJob, data).train_config()
     except ConfigError as err:
         raise ConfigError(field, f"{what} the config rejects: {err}") from None
