@@ -306,18 +306,21 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
         Flag("--top-p", "sampling.top_p", "nucleus sampling mass; 1 keeps all"),
         Flag("--seed", "seed", "random seed")), storage=False),
     Verb("demo", "galray.stages.demo", "DemoJob", "run_demo",
-         "run the pipeline end to end on a small simulated survey", _d("""
-        The quickstart, offline, on a CPU: simulate a small survey with GalSim (and a montage),
-        train a VQ-VAE on it with Ray Train, embed every cutout with its encoder (Ray Data),
-        train a sparse autoencoder on the embeddings, encode code grids, train the
-        class-conditional prior and sample new galaxies from it. Every training is an MLflow
-        run in OUTPUT/mlflow.db. Takes a few minutes on 2 cores; everything goes under --output.
-        --set stages=[simulate] (or any prefix of the stages) stops early."""), (
+         "run the whole pipeline end to end on a small survey, offline", _d("""
+        The quickstart, offline, on a CPU: simulate a survey with GalSim and cut real galaxies
+        from the Hubble XDF; train a VQ-VAE with Ray Train, encode code grids and train the
+        class-conditional prior; embed every cutout through the Ray Data actor pool; train a
+        sparse autoencoder on the embeddings; sample new galaxies. Prints the headline figures
+        at the end. Every run is in MLflow under OUTPUT (mlflow.db and mlartifacts/).
+        Running it again in the same OUTPUT reuses the stages that finished;
+        --set 'stages=[embed,sae]' runs any subset whose inputs an earlier run made."""), (
         Flag("--output", "output", "output folder", old=("--out",)),
         Flag("--n", "n", "number of simulated galaxies"),
         Flag("--size", "size", "cutout size in pixels"),
         Flag("--seed", "seed", "random seed"),
-        Flag("--steps", "steps", "optimizer steps of each training")), storage=False, json=False),
+        Flag("--steps", "steps", "optimizer steps of each training"),
+        Flag("--fast", "fast", "tiny sizes and few steps: checks the plumbing in a few minutes", const=True)),
+        storage=False, json=False),
 )}
 
 

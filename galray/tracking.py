@@ -48,6 +48,8 @@ class TrackingConfig:
     """Run name shown in the UI (default: the job's name)."""
     register_model: str | None = None
     """Register the final checkpoint under this model name."""
+    artifact_location: str | None = None
+    """Where a new experiment keeps its artifacts (default: MLflow's, ./mlruns of the working directory for a sqlite store)."""
 
     def __post_init__(self) -> None:
         check(bool(self.experiment), "experiment", "must not be empty")
@@ -92,7 +94,8 @@ class Tracker:
         self._client = mlflow.MlflowClient(tracking_uri=cfg.resolved_uri())
         if run_id is None:
             exp = self._client.get_experiment_by_name(cfg.experiment)
-            exp_id = exp.experiment_id if exp else self._client.create_experiment(cfg.experiment)
+            exp_id = exp.experiment_id if exp else self._client.create_experiment(
+                cfg.experiment, artifact_location=cfg.artifact_location)
             run = self._client.create_run(exp_id, run_name=cfg.run_name or run_name, tags=dict(tags or {}))
             run_id = run.info.run_id
         self.run_id = run_id

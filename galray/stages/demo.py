@@ -1,15 +1,20 @@
 """`galray demo`: the whole pipeline on embedded defaults, end to end on a laptop, offline.
 
-1. simulate a small survey with GalSim (+ a montage with one row per class);
-2. train a VQ-VAE on the cutouts with Ray Train (2 workers);
-3. embed every cutout with that VQ-VAE's encoder (Ray Data actor pool);
-4. train a Matryoshka BatchTopK SAE on the embeddings;
-5. encode the cutouts to code grids and train the class-conditional prior on them;
-6. sample new galaxies from the prior with classifier-free guidance.
+Each stage is a library call that the matching command also makes; the demo chains them:
 
-No download is needed: the VQ-VAE is galray's own, trained here. Every run is recorded in an
-MLflow store inside the output folder. Model sizes and step counts are tiny so that the demo
-finishes in minutes on a CPU; the same commands scale up through their configs.
+- ``simulate``: a GalSim survey with ground truth (+ a montage with one row per class);
+- ``xdf``: real galaxies cut from the Hubble XDF (`galray sample xdf`);
+- ``vqvae``: a VQ-VAE on the simulated cutouts with Ray Train (2 workers);
+- ``codes``: every cutout encoded to a code grid (`galray encode`);
+- ``prior``: the class-conditional transformer prior on the code grids;
+- ``embed``: every cutout embedded with the VQ-VAE encoder through the Ray Data actor pool;
+- ``sae``: a Matryoshka BatchTopK sparse autoencoder on the embeddings;
+- ``generate``: new galaxies sampled from the prior with classifier-free guidance.
+
+Everything goes under ``--output``: the stores, the Ray Train runs, the MLflow store *and* its
+artifacts. A stage that finished is recorded (:mod:`galray.data.stage_records`); running the demo
+again in the same folder reuses it and says so, and ``--set 'stages=[...]'`` runs any subset whose
+inputs a previous run made. No download is needed: every model is trained here.
 """
 
 from __future__ import annotations
@@ -18,20 +23,16 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from galray.config import check, from_dict
-from galray.data.galsim_survey import SimConfig
-from galray.data.store import store_summary
-from galray.stages.simulate import SimulateJob, simulate_survey
+from galray.config import ConfigError, check, from_dict
+from galray.data.stage_records import StageRecord, StageRecords, fingerprint
 from galray.stages.summary import FieldsSummary
-from galray.storage import StorageConfig, is_s3, join
+from galray.storage import StorageConfig, is_s3
 from galray.tracking import TrackingConfig
 
 if TYPE_CHECKING:
     from galray.train.launch import TrainSummary
-
-STAGES = ("simulate", "vqvae", "embed", "sae", "prior", "generate")
 
 
 @dataclass(frozen=True)
@@ -41,19 +42,21 @@ class DemoJob:
     RENAMED: ClassVar[dict[str, str]] = {"out": "output"}  # keys of the previous release, still read
 
     output: str = "galray-demo"
-    """Local folder that receives everything the demo writes (stores, runs, MLflow, figures)."""
-    n: int = 500
-    """Simulated galaxies."""
+    """Local folder that receives everything the demo writes (stores, runs, MLflow and its artifacts, figures)."""
+    n: int = 2000
+    """Simulated galaxies (with --fast: at most 300)."""
     size: int = 64
     """Cutout size in pixels."""
     seed: int = 0
     """Random seed."""
-    steps: int = 150
-    """Optimizer steps for each of the three trainings."""
+    steps: int = 300
+    """Optimizer steps for each training (with --fast: at most 40)."""
     workers: int = 2
     """Ray Train workers per training."""
-    stages: tuple[str, ...] = STAGES
-    """Stages to run, in pipeline order; a prefix such as [simulate] stops early."""
+    fast: bool = False
+    """Tiny sizes and few steps: checks that every stage works end to end; the figures mean little."""
+    stages: tuple[str, ...] = ()
+    """Stages to run (default: all, in pipeline order). Any subset runs if earlier runs made its inputs."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Object-storage settings (unused for the local demo; kept for config symmetry)."""
 
@@ -63,103 +66,245 @@ class DemoJob:
         check(self.steps >= 10, "steps", "must be at least 10")
         check(self.workers >= 1, "workers", "must be at least 1")
         check(not is_s3(self.output), "output", "the demo writes to a local folder")
-        check(all(s in STAGES for s in self.stages), "stages", f"each must be one of {list(STAGES)}")
+        names = [s.name for s in STAGES]
+        check(all(s in names for s in self.stages), "stages", f"each must be one of {names}")
+
+    @property
+    def rows(self) -> int:
+        return min(self.n, 300) if self.fast else self.n
+
+    @property
+    def train_steps(self) -> int:
+        return min(self.steps, 40) if self.fast else self.steps
+
+    @property
+    def root(self) -> Path:
+        return Path(self.output).resolve()
+
+    def tracking(self) -> TrackingConfig:
+        """Every demo run goes to OUT/mlflow.db, in one experiment whose artifacts are under OUT/mlartifacts."""
+        return TrackingConfig(uri=f"sqlite:///{self.root / 'mlflow.db'}", experiment="galray-demo",
+                              artifact_location=str(self.root / "mlartifacts"))
 
 
-def _tracking(cfg: DemoJob) -> TrackingConfig:
-    """Every demo run goes to OUT/mlflow.db, in one experiment."""
-    return TrackingConfig(uri=f"sqlite:///{Path(cfg.output).resolve() / 'mlflow.db'}", experiment="galray-demo")
+Paths = dict[str, str]
+Figures = dict[str, float]
 
 
-def _train(kind: str, data: str, name: str, cfg: DemoJob, section: dict[str, Any]) -> "TrainSummary":
+@dataclass(frozen=True)
+class Stage:
+    """One demo stage: what it reads and writes (path names) and the function that runs it."""
+
+    name: str
+    text: str
+    needs: tuple[str, ...]
+    makes: tuple[str, ...]
+    run: Callable[[DemoJob, Paths], tuple[Paths, Figures]]
+
+
+def _train(kind: str, data: str, name: str, cfg: DemoJob, section: dict[str, Any],
+           **job: Any) -> "TrainSummary":
     from galray.train.config import TrainJob
     from galray.train.launch import fit
 
-    out = Path(cfg.output).resolve()
-    job = from_dict(TrainJob, {
-        "kind": kind, "input": data, "name": name, "storage_path": str(out / "runs"),
-        "steps": cfg.steps, "batch_size": 32, "checkpoint_every": cfg.steps, "log_every": 10,
+    spec = {
+        "kind": kind, "input": data, "name": name, "storage_path": str(cfg.root / "runs"),
+        "steps": cfg.train_steps, "batch_size": 32, "checkpoint_every": cfg.train_steps, "log_every": 10,
         "materialize": True, "seed": cfg.seed, kind: section,
+        # enough held-out rows that dead-latent and codebook figures mean something
+        "val_fraction": 0.2,
         # Ray Data's read tasks need CPUs next to the workers on a small machine.
         "scaling": {"num_workers": cfg.workers, "use_gpu": False, "cpus_per_worker": 0.5},
-        "tracking": dataclasses.asdict(_tracking(cfg)),
-    })
-    summary = fit(job)
+        "tracking": dataclasses.asdict(cfg.tracking()),
+    }
+    summary = fit(from_dict(TrainJob, {**spec, **job}))
     print(summary.format())
     return summary
+
+
+def _latent(cfg: DemoJob) -> int:
+    return 8 if cfg.size >= 64 else 4
+
+
+def _simulate(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
+    from galray.data.galsim_survey import SimConfig
+    from galray.data.store import store_summary
+    from galray.stages.simulate import SimulateJob, simulate_survey
+
+    out = {"store": str(cfg.root / "sim"), "preview": str(cfg.root / "sim_montage.png")}
+    job = SimulateJob(output=out["store"], n=cfg.rows, shard_rows=max(cfg.rows // 4, 50), preview=out["preview"],
+                      sim=SimConfig(size=cfg.size, seed=cfg.seed))
+    print(simulate_survey(job).format())
+    print(store_summary(out["store"]).format())
+    return out, {"simulated_rows": float(cfg.rows)}
+
+
+def _xdf(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
+    from galray.data.xdf import XDFConfig
+    from galray.stages.sample import SampleJob, write_sample
+
+    out = {"xdf": str(cfg.root / "xdf")}
+    summary = write_sample(SampleJob(output=out["xdf"], xdf=XDFConfig(size=cfg.size)))
+    print(summary.format())
+    return out, {"xdf_rows": float(summary.rows)}
+
+
+def _vqvae(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
+    vq = _train("vqvae", paths["store"], "vqvae-demo", cfg, {
+        "model": {"image_size": cfg.size, "latent_size": _latent(cfg), "channels": [16, 32, 32], "code_dim": 32,
+                  "codebook_size": 128, "factorized_dim": 8, "kmeans_iters": 5},
+        "train": {"lr": 2e-3}})
+    figures = {k: vq.eval[k] for k in ("val_utilisation", "val_perplexity", "val_mse") if k in vq.eval}
+    return {"vqvae": str(vq.checkpoint)}, figures
+
+
+def _codes(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
+    from galray.stages.encode import EncodeJob, encode_store
+
+    out = {"codes": str(cfg.root / "codes")}
+    summary = encode_store(EncodeJob(input=paths["store"], vqvae=paths["vqvae"], output=out["codes"]))
+    print(summary.format())
+    return out, {"encoded_rows": float(summary.rows_out)}
+
+
+def _prior(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
+    latent = _latent(cfg)
+    prior = _train("prior", paths["codes"], "prior-demo", cfg, {
+        "model": {"vocab_size": 128, "seq_len": latent * latent, "num_classes": 10, "d_model": 64,
+                  "n_layers": 2, "n_heads": 2},
+        "train": {"lr": 2e-3, "warmup_steps": 5}})
+    return {"prior": str(prior.checkpoint)}, {k: prior.eval[k] for k in ("val_loss", "val_acc") if k in prior.eval}
+
+
+def _embed(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
+    from galray.models.backbone_config import BackboneConfig
+    from galray.stages.embed import EmbedJob, embed_store
+
+    out = {"embeddings": str(cfg.root / "embeddings")}
+    summary = embed_store(EmbedJob(input=paths["store"], output=out["embeddings"],
+                                   backbone=BackboneConfig(name=f"vqvae:{paths['vqvae']}"), batch_size=64,
+                                   tracking=cfg.tracking()))
+    print(summary.format())
+    return out, {"embedded_rows": float(summary.rows_out)}
+
+
+def _sae(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
+    sae = _train("sae", paths["embeddings"], "sae-demo", cfg, {
+        "preset": "galray", "model": {"group_sizes": [8, 24], "k": 4, "dead_after_samples": 2048},
+        "train": {"lr": 2e-3}})
+    return {"sae": str(sae.checkpoint)}, {k: sae.eval[k] for k in ("val_fvu", "val_l0_mean", "val_dead_frac")
+                                          if k in sae.eval}
+
+
+def _generate(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
+    from galray.stages.generate import generate_grid
+
+    out = {"generated": str(cfg.root / "generated.png")}
+    generate_grid(paths["prior"], paths["vqvae"], out["generated"], n=20, cfg_scale=2.0, top_p=0.95, seed=cfg.seed)
+    print(f"wrote {out['generated']}")
+    return out, {}
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("simulate", "simulating a survey with GalSim", (), ("store", "preview"), _simulate),
+    Stage("xdf", "cutting real galaxies from the Hubble XDF", (), ("xdf",), _xdf),
+    Stage("vqvae", "training a VQ-VAE on the cutouts (Ray Train)", ("store",), ("vqvae",), _vqvae),
+    Stage("codes", "encoding every cutout to a code grid (Ray actor pool)", ("store", "vqvae"), ("codes",), _codes),
+    Stage("prior", "training the class-conditional prior on the code grids", ("codes",), ("prior",), _prior),
+    Stage("embed", "embedding every cutout with the VQ-VAE encoder (Ray Data actor pool)", ("store", "vqvae"),
+          ("embeddings",), _embed),
+    Stage("sae", "training a Matryoshka BatchTopK sparse autoencoder on the embeddings", ("embeddings",),
+          ("sae",), _sae),
+    Stage("generate", "sampling new galaxies from the prior (classifier-free guidance 2)", ("prior", "vqvae"),
+          ("generated",), _generate),
+)
 
 
 @dataclass(frozen=True)
 class DemoSummary(FieldsSummary):
     """What `galray demo` prints at the end (each stage prints its own summary as it finishes)."""
 
+    output: str
     paths: dict[str, str]
     """What the demo wrote: stores, checkpoints, figures, the MLflow store."""
-    stages: tuple[str, ...]
+    figures: dict[str, float]
+    """Headline figures of every stage, by name."""
+    ran: tuple[str, ...]
+    reused: tuple[str, ...]
+    stage_seconds: dict[str, float]
+    """Wall seconds of each stage that ran now."""
     seconds: float
 
     def format(self) -> str:
-        return (f"\ndone in {self.seconds:.0f} s. Look at {self.paths['preview']}"
-                + (f" and {self.paths['generated']}" if "generate" in self.stages else "")
-                + (f"; browse the runs with `mlflow ui --backend-store-uri {self.paths['mlflow']}`"
-                   if {"vqvae", "sae", "prior"} & set(self.stages) else "") + ".")
+        lines = [f"\ndone in {self.seconds:.0f} s ({len(self.ran)} stages ran"
+                 + (f", {len(self.reused)} reused" if self.reused else "") + ")."]
+        if self.figures:
+            lines.append("headline figures:")
+            lines += [f"  {k:<28} {v:.4g}" for k, v in self.figures.items()]
+        shown = [k for k in ("preview", "generated", "report") if k in self.paths]
+        if shown:
+            lines.append("look at: " + ", ".join(self.paths[k] for k in shown))
+        lines.append(f"browse the runs: mlflow ui --backend-store-uri sqlite:///{self.output}/mlflow.db")
+        return "\n".join(lines)
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
 
 def run_demo(cfg: DemoJob) -> DemoSummary:
-    """Run the demo stages and print what each did; returns the paths it wrote."""
+    """Run the asked stages in pipeline order (reusing recorded ones); print progress; return what was made."""
     t0 = time.perf_counter()
-    out = str(Path(cfg.output).resolve())
-    paths = {"store": join(out, "sim"), "preview": join(out, "sim_montage.png"),
-             "embeddings": join(out, "embeddings"), "codes": join(out, "codes"),
-             "generated": join(out, "generated.png"), "mlflow": f"sqlite:///{out}/mlflow.db"}
-    total = len(cfg.stages)
-    step = 0
-    latent = 8 if cfg.size >= 64 else 4
-
-    def stage(name: str, text: str) -> bool:
-        nonlocal step
-        if name not in cfg.stages:
-            return False
-        step += 1
-        print(f"\n[{step}/{total}] {text}", flush=True)
-        return True
-
-    if stage("simulate", f"simulating {cfg.n} galaxies at {cfg.size} px -> {paths['store']}"):
-        job = SimulateJob(output=paths["store"], n=cfg.n, shard_rows=max(cfg.n // 4, 50), preview=paths["preview"],
-                          sim=SimConfig(size=cfg.size, seed=cfg.seed))
-        print(simulate_survey(job).format())
-        print(store_summary(paths["store"]).format())
-    vq = None
-    if stage("vqvae", "training a VQ-VAE on the cutouts (Ray Train)"):
-        vq = _train("vqvae", paths["store"], "vqvae-demo", cfg, {
-            "model": {"image_size": cfg.size, "latent_size": latent, "channels": [16, 32, 32], "code_dim": 32,
-                      "codebook_size": 128, "factorized_dim": 8, "kmeans_iters": 5},
-            "train": {"lr": 2e-3}})
-        paths["vqvae"] = vq.checkpoint
-    if stage("embed", "embedding every cutout with the VQ-VAE encoder (Ray Data actor pool)"):
-        from galray.models.backbone_config import BackboneConfig
-        from galray.stages.embed import EmbedJob, embed_store
-
-        print(embed_store(EmbedJob(input=paths["store"], output=paths["embeddings"],
-                                   backbone=BackboneConfig(name=f"vqvae:{paths['vqvae']}"), batch_size=64,
-                                   tracking=_tracking(cfg))).format())
-    if stage("sae", "training a Matryoshka BatchTopK sparse autoencoder on the embeddings"):
-        sae = _train("sae", paths["embeddings"], "sae-demo", cfg, {
-            "preset": "galray", "model": {"group_sizes": [8, 24], "k": 4, "dead_after_samples": 2048}, "train": {"lr": 2e-3}})
-        paths["sae"] = sae.checkpoint
-    if stage("prior", "encoding code grids and training the class-conditional prior"):
-        from galray.stages.encode import EncodeJob, encode_store
-
-        print(encode_store(EncodeJob(input=paths["store"], vqvae=paths["vqvae"], output=paths["codes"])).format())
-        prior = _train("prior", paths["codes"], "prior-demo", cfg, {
-            "model": {"vocab_size": 128, "seq_len": latent * latent, "num_classes": 10, "d_model": 64,
-                      "n_layers": 2, "n_heads": 2},
-            "train": {"lr": 2e-3, "warmup_steps": 5}})
-        paths["prior"] = prior.checkpoint
-    if stage("generate", "sampling new galaxies from the prior (classifier-free guidance 2)"):
-        from galray.stages.generate import generate_grid
-
-        generate_grid(paths["prior"], paths["vqvae"], paths["generated"], n=20, cfg_scale=2.0, top_p=0.95,
-                      seed=cfg.seed)
-        print(f"wrote {paths['generated']}")
-    return DemoSummary(paths=paths, stages=cfg.stages, seconds=time.perf_counter() - t0)
+    records = StageRecords(cfg.root)
+    wanted = [s for s in STAGES if not cfg.stages or s.name in cfg.stages]
+    maker = {key: s.name for s in STAGES for key in s.makes}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("stages", "output", "storage")}
+    names = {s.name for s in wanted}
+    for stage in wanted:  # fail at start, not after an hour, when an input was never made
+        missing = [up for up in sorted({maker[k] for k in stage.needs} - names) if records.get(up) is None]
+        if missing:
+            order = [s.name for s in STAGES if s.name in {*missing, stage.name}]
+            raise ConfigError("stages", f"stage {stage.name} needs what {', '.join(missing)} make(s), which has not "
+                                        f"run in {cfg.root}: add it, e.g. --set 'stages=[{','.join(order)}]'")
+    cfg.root.mkdir(parents=True, exist_ok=True)
+    paths: Paths = {}
+    figures: Figures = {}
+    done: dict[str, StageRecord] = {}
+    ran: list[str] = []
+    reused: list[str] = []
+    stage_seconds: dict[str, float] = {}
+    for i, stage in enumerate(wanted, 1):
+        upstream = sorted({maker[k] for k in stage.needs})
+        for up in upstream:
+            rec = done.get(up) or records.get(up)
+            assert rec is not None, up  # checked above; a stage before this one recorded it
+            done[up] = rec
+            paths.update(rec.paths)
+        # A stage's fingerprint covers the settings and the exact upstream records it read, so an
+        # upstream stage that ran again makes every stage after it run again too.
+        key = fingerprint({"settings": settings, "stage": stage.name,
+                           "upstream": {u: (done[u].fingerprint, done[u].finished_at) for u in upstream}})
+        head = f"\n[{i}/{len(wanted)}] {stage.name}: {stage.text}"
+        rec = records.get(stage.name)
+        if rec is not None and rec.fingerprint == key and all(Path(p).exists() for p in rec.paths.values()):
+            print(f"{head}\n  reusing the result of an earlier run ({rec.seconds:.0f} s, finished "
+                  f"{time.strftime('%H:%M', time.localtime(rec.finished_at))}); delete "
+                  f"{records.dir / (stage.name + '.json')} to redo it", flush=True)
+            reused.append(stage.name)
+        else:
+            print(head, flush=True)
+            records.forget(stage.name)
+            s0 = time.perf_counter()
+            made, figs = stage.run(cfg, paths)
+            seconds = time.perf_counter() - s0
+            rec = StageRecord(stage=stage.name, fingerprint=key, paths=made, figures=figs,
+                              seconds=round(seconds, 1), finished_at=records.now())
+            records.put(rec)
+            ran.append(stage.name)
+            stage_seconds[stage.name] = round(seconds, 1)
+            print(f"  {stage.name} done in {seconds:.0f} s (elapsed {_clock(time.perf_counter() - t0)})", flush=True)
+        done[stage.name] = rec
+        paths.update(rec.paths)
+        figures.update(rec.figures)
+    return DemoSummary(output=str(cfg.root), paths=paths, figures=figures, ran=tuple(ran), reused=tuple(reused),
+                       stage_seconds=stage_seconds, seconds=round(time.perf_counter() - t0, 1))

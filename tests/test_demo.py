@@ -1,0 +1,86 @@
+"""`galray demo --fast` end to end, through the CLI as a user runs it, in a fresh working directory.
+
+One demo run is shared by the module (it is the slowest test of the suite); the other tests read
+what it left: every artifact, the MLflow runs and their artifacts under the output folder, a rerun
+that reuses every stage, and a subset whose inputs were never made failing at start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(1800)
+
+
+def _galray(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "galray.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=1700)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    cwd = tmp_path_factory.mktemp("demo-cwd")
+    out = cwd / "out"
+    proc = _galray("demo", "--fast", "--output", str(out), cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return cwd, out, proc.stdout
+
+
+def test_demo_writes_every_artifact_under_its_output(demo: tuple[Path, Path, str]) -> None:
+    cwd, out, stdout = demo
+    for name in ("sim", "xdf", "codes", "embeddings"):
+        assert list((out / name).glob("*.parquet")), name
+    for name in ("sim_montage.png", "generated.png", "mlflow.db"):
+        assert (out / name).stat().st_size > 0, name
+    for run in ("vqvae-demo", "prior-demo", "sae-demo"):
+        assert list((out / "runs" / run).glob("step-*/config.json")), run
+    # MLflow's artifacts live under the output folder, not in ./mlruns of wherever the user ran it
+    assert not (cwd / "mlruns").exists()
+    assert list((out / "mlartifacts").rglob("*.png"))
+    assert "headline figures:" in stdout and "val_fvu" in stdout and "val_perplexity" in stdout
+    for i, stage in enumerate(("simulate", "xdf", "vqvae", "codes", "prior", "embed", "sae", "generate"), 1):
+        assert f"[{i}/8] {stage}:" in stdout
+        record = json.loads((out / "stages" / f"{stage}.json").read_text())
+        assert all(Path(p).exists() for p in record["paths"].values()), stage
+
+
+def test_demo_runs_are_in_mlflow_with_their_artifacts(demo: tuple[Path, Path, str]) -> None:
+    import mlflow
+
+    _, out, _ = demo
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("galray-demo")
+    assert exp is not None
+    assert exp.artifact_location.startswith((str(out / "mlartifacts"), (out / "mlartifacts").as_uri()))
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    for name in ("vqvae-demo", "prior-demo", "sae-demo"):
+        assert name in runs, sorted(runs)
+        run = runs[name]
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics, name
+        assert client.list_artifacts(run.info.run_id), name
+
+
+def test_demo_rerun_reuses_every_stage(demo: tuple[Path, Path, str]) -> None:
+    cwd, out, _ = demo
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")}
+    proc = _galray("demo", "--fast", "--output", str(out), cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("reusing the result of an earlier run") == 8
+    assert "0 stages ran" in proc.stdout and "8 reused" in proc.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")} == before
+
+
+def test_demo_subset_without_its_inputs_fails_at_start(tmp_path: Path) -> None:
+    proc = _galray("demo", "--fast", "--output", str(tmp_path / "fresh"), "--set", "stages=[embed]", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "stages: stage embed needs what simulate, vqvae make" in proc.stderr
+    assert not (tmp_path / "fresh").exists()
