@@ -40,12 +40,13 @@ def test_demo_writes_every_artifact_under_its_output(demo: tuple[Path, Path, str
         assert list((out / name).glob("*.parquet")), name
     for name in ("sim_montage.png", "generated.png", "mlflow.db"):
         assert (out / name).stat().st_size > 0, name
-    for run in ("vqvae-demo", "prior-demo", "sae-demo"):
+    for run in ("vqvae-demo", "prior-demo", "sae-demo-best"):
         assert list((out / "runs" / run).glob("step-*/config.json")), run
+    assert (out / "runs" / "sae-demo" / "results.csv").stat().st_size > 0
     # MLflow's artifacts live under the output folder, not in ./mlruns of wherever the user ran it
     assert not (cwd / "mlruns").exists()
     assert list((out / "mlartifacts").rglob("*.png"))
-    assert "headline figures:" in stdout and "val_fvu" in stdout and "val_perplexity" in stdout
+    assert "headline figures:" in stdout and "sae.val_fvu" in stdout and "vqvae.val_perplexity" in stdout
     for i, stage in enumerate(("simulate", "xdf", "vqvae", "codes", "prior", "embed", "sae", "generate"), 1):
         assert f"[{i}/8] {stage}:" in stdout
         record = json.loads((out / "stages" / f"{stage}.json").read_text())
@@ -60,13 +61,17 @@ def test_demo_runs_are_in_mlflow_with_their_artifacts(demo: tuple[Path, Path, st
     exp = client.get_experiment_by_name("galray-demo")
     assert exp is not None
     assert exp.artifact_location.startswith((str(out / "mlartifacts"), (out / "mlartifacts").as_uri()))
-    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    for name in ("vqvae-demo", "prior-demo", "sae-demo"):
+    found = client.search_runs([exp.experiment_id])
+    runs = {r.info.run_name: r for r in found}
+    for name in ("vqvae-demo", "prior-demo", "sae-demo-best", "sae-demo"):
         assert name in runs, sorted(runs)
         run = runs[name]
         assert run.info.status == "FINISHED"
         assert run.data.metrics, name
         assert client.list_artifacts(run.info.run_id), name
+    # the Tune campaign is a parent run with one child run per trial
+    children = [r for r in found if r.data.tags.get("mlflow.parentRunId") == runs["sae-demo"].info.run_id]
+    assert len(children) == 4
 
 
 def test_demo_rerun_reuses_every_stage(demo: tuple[Path, Path, str]) -> None:

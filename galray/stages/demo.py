@@ -189,11 +189,25 @@ def _embed(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
 
 
 def _sae(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
-    sae = _train("sae", paths["embeddings"], "sae-demo", cfg, {
-        "preset": "galray", "model": {"group_sizes": [8, 24], "k": 4, "dead_after_samples": 2048},
-        "train": {"lr": 2e-3}})
-    return {"sae": str(sae.checkpoint)}, {k: sae.eval[k] for k in ("val_fvu", "val_l0_mean", "val_dead_frac")
-                                          if k in sae.eval}
+    from galray.stages.tune import TuneJob, tune_then_train
+
+    job = from_dict(TuneJob, {
+        "kind": "sae", "input": paths["embeddings"], "name": "sae-demo", "storage_path": str(cfg.root / "runs"),
+        "steps": cfg.train_steps, "batch_size": 64, "seed": cfg.seed, "val_fraction": 0.2,
+        "sae": {"preset": "galray", "model": {"group_sizes": [8, 24], "k": 4, "dead_after_samples": 2048},
+                "train": {"lr": 2e-3}},
+        "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1},
+        "tracking": dataclasses.asdict(cfg.tracking()),
+        # four ASHA trials over the sparsity k and the dictionary width (its Matryoshka groups)
+        "tune": {"space": {"sae.model.k": {"grid": [4, 8]},
+                           "sae.model.group_sizes": {"grid": [[8, 24], [16, 48]]}},
+                 "trials": 4, "scheduler": "asha", "report_every": max(cfg.train_steps // 4, 1)}})
+    campaign, sae = tune_then_train(job)
+    print(campaign.format())
+    print(sae.format())
+    figures = {k: sae.eval[k] for k in ("val_fvu", "val_l0_mean", "val_dead_frac") if k in sae.eval}
+    figures["tune_trials_stopped_early"] = float(campaign.stopped)
+    return {"sae": str(sae.checkpoint), "campaign": campaign.campaign}, figures
 
 
 def _generate(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
@@ -213,8 +227,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("prior", "training the class-conditional prior on the code grids", ("codes",), ("prior",), _prior),
     Stage("embed", "embedding every cutout with the VQ-VAE encoder (Ray Data actor pool)", ("store", "vqvae"),
           ("embeddings",), _embed),
-    Stage("sae", "training a Matryoshka BatchTopK sparse autoencoder on the embeddings", ("embeddings",),
-          ("sae",), _sae),
+    Stage("sae", "a Ray Tune campaign (4 trials, ASHA) over a Matryoshka BatchTopK sparse autoencoder's k and "
+                 "width on the embeddings, then the SAE at the best setting", ("embeddings",), ("sae", "campaign"), _sae),
     Stage("generate", "sampling new galaxies from the prior (classifier-free guidance 2)", ("prior", "vqvae"),
           ("generated",), _generate),
 )
@@ -282,7 +296,7 @@ def run_demo(cfg: DemoJob) -> DemoSummary:
             paths.update(rec.paths)
         # A stage's fingerprint covers the settings and the exact upstream records it read, so an
         # upstream stage that ran again makes every stage after it run again too.
-        key = fingerprint({"settings": settings, "stage": stage.name,
+        key = fingerprint({"settings": settings, "stage": (stage.name, stage.text, stage.makes),
                            "upstream": {u: (done[u].fingerprint, done[u].finished_at) for u in upstream}})
         head = f"\n[{i}/{len(wanted)}] {stage.name}: {stage.text}"
         rec = records.get(stage.name)
@@ -305,6 +319,6 @@ def run_demo(cfg: DemoJob) -> DemoSummary:
             print(f"  {stage.name} done in {seconds:.0f} s (elapsed {_clock(time.perf_counter() - t0)})", flush=True)
         done[stage.name] = rec
         paths.update(rec.paths)
-        figures.update(rec.figures)
+        figures.update({f"{stage.name}.{k}": v for k, v in rec.figures.items()})
     return DemoSummary(output=str(cfg.root), paths=paths, figures=figures, ran=tuple(ran), reused=tuple(reused),
                        stage_seconds=stage_seconds, seconds=round(time.perf_counter() - t0, 1))
