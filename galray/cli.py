@@ -213,6 +213,72 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
         Flag("--label-column", "label_column", "input column copied to `label`"),
         Flag("--overwrite", "overwrite", "recompute shards whose output exists", const=True)),
          errors_output=True),
+    Verb("features", "galray.stages.features", "FeaturesJob", "features",
+         "apply a trained SAE to an embedding store into a sparse feature store; or list a latent's top objects", _d("""
+        Apply a trained sparse autoencoder (a `galray train sae` checkpoint) to every embedding with
+        its batch-independent threshold inference, through a fixed pool of Ray Data actors, into a
+        feature store: one Parquet file per embedding file with object_id, feature_indices and
+        feature_values (the active latents, strongest first) and the catalog columns of the cutout
+        store carried through (numbers, booleans, strings). Rows with non-finite embeddings go to
+        OUTPUT/_errors/. Finished files are skipped, so a rerun resumes; none is written twice.
+        With --top J it instead lists the --n objects where latent J is strongest in the feature
+        store --input, reading only its sparse columns (never the embeddings):
+          galray features --input FEATURES --top 12 --n 50"""), (
+        Flag("--input", "input", "embedding store URI (with --top: a feature store)"),
+        Flag("--sae", "sae", "SAE checkpoint folder (local or s3://)", metavar="CKPT_DIR"),
+        Flag("--output", "output", "feature store URI"),
+        Flag("--catalog", "catalog", "cutout store whose scalar columns are carried through",
+             default="the store the embeddings were made from"),
+        Flag("--top", "top", "list the objects where this latent is strongest instead", metavar="J"),
+        Flag("--n", "n", "how many objects --top lists"),
+        Flag("--batch-size", "batch_size", "embeddings per forward pass"),
+        Flag("--actors", "pool.actors", "SAE actors; 0: GPUs / num_gpus, or CPUs / 2"),
+        Flag("--num-gpus", "pool.num_gpus", "GPUs per actor"),
+        Flag("--overwrite", "overwrite", "recompute files whose output exists", const=True),
+        TRACKING_URI,
+        Flag("--no-tracking", "tracking.enabled", "do not record the run in MLflow", const=False)),
+         errors_output=True),
+    Verb("analyze", "galray.stages.analyze", "AnalyzeJob", "analyze",
+         "SAE vs PCA alignment with a shuffle null, galleries, families, codebook and generations", _d("""
+        Analyse a feature store (`galray features`) on a sample of --max-rows objects: the Spearman
+        rho of every SAE feature and of as many PCA components as k (fitted on the training split)
+        with every label column (simulated ground truth, vote fractions, one-hot classes), against
+        a label-shuffle null; the best feature per label for each method (ground-truth recovery);
+        novel features (frequent, poorly explained by a linear model of the labels); galleries of
+        the top-activating cutouts over the whole store and of PCA components at both extremes;
+        feature families (the Matryoshka SAE's first group, or --narrow-sae, against the wide SAE).
+        With --codes (and the VQ-VAE the embeddings came from, or --vqvae): codebook usage, decodes,
+        heat maps and t-SNE; with --prior: labelled generations per class and sampling setting.
+        The embedding store, SAE and cutout store come from the feature store's provenance.
+        Writes OUTPUT/analysis.json, figures/*.png, *.parquet; recorded in MLflow with the folder as
+        artifacts. Then: galray report --run OUTPUT"""), (
+        Flag("--input", "input", "feature store URI"),
+        Flag("--output", "output", "analysis folder (local or s3://)"),
+        Flag("--embeddings", "embeddings", "embedding store for PCA", default="the feature store's source"),
+        Flag("--cutouts", "cutouts", "cutout store for the galleries", default="the feature store's catalog"),
+        Flag("--vqvae", "vqvae", "VQ-VAE checkpoint", default="the embeddings' encoder, when a VQ-VAE",
+             metavar="CKPT_DIR"),
+        Flag("--codes", "codes", "code store (`galray encode`) for the codebook section"),
+        Flag("--prior", "prior", "prior checkpoint for the generations", metavar="CKPT_DIR"),
+        Flag("--narrow-sae", "narrow_sae", "narrow SAE for feature families",
+             default="the Matryoshka SAE's first group", metavar="CKPT_DIR"),
+        Flag("--max-rows", "max_rows", "objects analysed"),
+        Flag("--shuffles", "n_shuffles", "label shuffles of the null"),
+        Flag("--seed", "seed", "random seed"),
+        TRACKING_URI,
+        Flag("--no-tracking", "tracking.enabled", "do not record the run in MLflow", const=False))),
+    Verb("report", "galray.stages.report", "ReportJob", "report",
+         "one self-contained HTML report of an analysis (pictures first), logged to MLflow", _d("""
+        Render an analysis (`galray analyze`) as one HTML file with every figure and gallery
+        thumbnail embedded (PNGs, lazy loading), pictures first: ground-truth recovery and the SAE
+        vs PCA distributions, galleries, PCA extremes, novel features, families, codebook,
+        generations, then tables and the run's settings and metrics. --run is the analysis folder
+        or the MLflow run id of the analysis. The page is logged to that run as report/report.html."""), (
+        Flag("--run", "run", "analysis folder (local or s3://) or MLflow run id", metavar="RUN_ID_OR_DIR"),
+        Flag("--output", "output", "HTML file", old=("--out",),
+             default="report.html in the analysis folder", metavar="HTML"),
+        TRACKING_URI,
+        Flag("--no-tracking", "tracking.enabled", "do not log the page to MLflow", const=False))),
     Verb("train", "galray.train.launch", "TrainJob", "fit",
          "train the SAE, VQ-VAE or prior data-parallel with Ray Train, tracked in MLflow", _d("""
         Data-parallel training (Ray Train TorchTrainer, DDP: gloo on CPU, NCCL on GPU) of
@@ -439,7 +505,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary.to_json(), indent=2, default=str))
         return 0
     print(summary.format())
-    if verb.errors_output and summary.rows_errored:
+    if verb.errors_output and getattr(summary, "rows_errored", 0):
         print(f"errored rows (object_id, stage, reason, source_file): {job.output.rstrip('/')}/_errors/")
     return 0
 

@@ -49,8 +49,10 @@ IMPORT_RULES = [
     ("analysis figures are built without pyplot (no global figure state)",
      ["galray.analysis.alignment_plots", "galray.analysis.codebook", "galray.analysis.generations",
       "galray.analysis.report"], RAY_LAYER | {"matplotlib.pyplot"}, ""),
-    ("embed's workers load neither Ray nor torch when they unpickle the stage (both come inside functions)",
-     ["galray.stages.embed", "galray.stages.pool", "galray.stages.summary"], RAY_LAYER | {"torch"}, ""),
+    ("the workers of embed and features load neither Ray nor torch when they unpickle the stage (both come "
+     "inside functions)", ["galray.stages.embed", "galray.stages.features", "galray.stages.pool",
+                           "galray.stages.summary"], RAY_LAYER | {"torch"}, ""),
+    ("the report stage renders without torch", ["galray.stages.report"], {"ray", "torch"}, ""),
     ("survey readers run in plain tasks", ["galray.data.formats", "galray.data.stores", "galray.data.shards",
                                            "galray.data.resume", "galray.data.split", "galray.data.checkpoints"],
      {"ray", "mlflow"}, ""),
