@@ -134,3 +134,58 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "galray.cli", *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd, timeout=timeout)
+
+
+# --- headless Chromium (Debian's chromium + chromium-driver, the same apt version) ---------------------
+
+CHROMIUM = Path("/usr/lib/chromium/chromium")  # the real binary; /usr/bin/chromium is a wrapper script
+CHROMIUM_MISSING = "headless Chromium not installed: apt-get install -y chromium chromium-driver (.ci/run does it " \
+                   "when it runs as root with apt)"
+
+# Scroll every image into view (lazy images below the fold load only near the viewport), wait until each has
+# loaded or failed (10 s at most), and report its decoded width. Selenium waits for the returned promise.
+CHECK_IMAGES = """return (async () => {
+  const imgs = [...document.images];
+  for (const im of imgs) { im.scrollIntoView({block: 'center'}); await new Promise(r => requestAnimationFrame(r)); }
+  const done = im => im.complete ? Promise.resolve() : new Promise(r => {
+      im.addEventListener('load', r, {once: true}); im.addEventListener('error', r, {once: true}); });
+  await Promise.race([Promise.all(imgs.map(done)), new Promise(r => setTimeout(r, 10000))]);
+  window.scrollTo(0, 0);
+  await new Promise(r => requestAnimationFrame(r));
+  return imgs.map(im => ({alt: im.alt, naturalWidth: im.naturalWidth}));
+})()"""
+
+
+@pytest.fixture(scope="session")
+def chromium(tmp_path_factory):
+    """A headless Chromium driven by Selenium through Debian's chromedriver (no download: the driver is given)."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed: pip install -e '.[test]'")
+    from selenium.webdriver.chrome.service import Service
+
+    driver_path = shutil.which("chromedriver")
+    if not CHROMIUM.exists() or driver_path is None:
+        pytest.skip(CHROMIUM_MISSING)
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-default-apps", "--disable-extensions", "--mute-audio", "--hide-scrollbars",
+                 "--window-size=1280,900", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    yield driver
+    driver.quit()
+
+
+def render_page(driver, html: Path, screenshot: Path) -> tuple[list[dict], float]:
+    """Open ``html``, load every image, save a screenshot; returns (images' alt and naturalWidth, the
+    screenshot's grey-level standard deviation: 0 for a blank page)."""
+    from PIL import Image, ImageStat
+
+    driver.get(html.resolve().as_uri())
+    images = driver.execute_script(CHECK_IMAGES)
+    driver.save_screenshot(str(screenshot))
+    with Image.open(screenshot) as im:
+        return images, ImageStat.Stat(im.convert("L")).stddev[0]
