@@ -534,9 +534,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{prefix}: config error: {err}", file=sys.stderr)
             return 2
         except Exception as err:  # a clear one-line message for the errors people can fix
+            from galray.data.arrow_safety import UnreadableParquetError, UnsafeParquetError
             from galray.storage import StorageError
 
-            if isinstance(err, (StorageError, FileNotFoundError)):
+            if isinstance(err, (StorageError, FileNotFoundError, UnsafeParquetError, UnreadableParquetError)):
                 print(f"{prefix}: error: {err}", file=sys.stderr)
                 return 1
             raise

@@ -13,6 +13,11 @@ import sys
 
 import ray
 
+# Attempts beyond the first that a task gets on the same input. Ray's defaults retry without end
+# (Ray Data's tasks, and tasks its memory monitor kills): an input that kills its worker every time
+# would hang the job. Stages give up after these and put the input's rows in their errors output.
+MAX_RETRIES = 3
+
 
 def ensure_ray(num_cpus: int | None = None, quiet: bool | None = None) -> None:
     """Initialise Ray if it is not running in this process yet.
@@ -29,6 +34,9 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool | None = None) -> None:
                         logging_level=logging.WARNING if quiet else logging.INFO)
     # Token auth is on by default in recent Ray; a local single-user session needs none.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # A local Ray retries a task killed for memory MAX_RETRIES times, not without end (on a cluster,
+    # set RAY_task_oom_retries in the nodes' environment).
+    os.environ.setdefault("RAY_task_oom_retries", str(MAX_RETRIES))
     if not os.environ.get("RAY_ADDRESS") and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)

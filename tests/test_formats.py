@@ -55,8 +55,8 @@ def test_plan_files_groups_in_sorted_order_and_first_id_wins():
     units = plan_files(paths, 2, (".png", ".jpg"), "/d")
     assert [u.paths for u in units] == [("/d/a.png", "/d/b.png"), ("/d/c.png", "/d/x/a.png"), ("/d/y/b.jpg",)]
     assert [u.rows for u in units] == [2, 2, 1]
-    assert units[1].duplicates == ((1, "duplicate object_id (kept /d/a.png)"),)
-    assert units[2].duplicates == ((0, "duplicate object_id (kept /d/b.png)"),)
+    assert units[1].known_errors == ((1, "duplicate object_id (kept /d/a.png)"),)
+    assert units[2].known_errors == ((0, "duplicate object_id (kept /d/b.png)"),)
     assert Unit.from_json(units[1].to_json()) == units[1]
     assert object_id_of("s3://b/p/J12+34.fits.gz", FITS_EXTENSIONS) == "J12+34"
 

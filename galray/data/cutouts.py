@@ -16,22 +16,31 @@ import numpy as np
 from PIL import Image
 
 from galray.config import check
+from galray.data.limits import DecodeLimits, LimitError
 
 
 class CutoutError(ValueError):
     """A cutout that cannot be used; ``str(err)`` is the reason that goes to the errors output."""
 
 
-def decode_image(data: bytes | None) -> np.ndarray:
-    """PNG/JPEG/... bytes -> (H, W, 3) uint8 RGB. Grayscale is repeated to 3 channels, alpha dropped."""
+def decode_image(data: bytes | None, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """PNG/JPEG/... bytes -> (H, W, 3) uint8 RGB. Grayscale is repeated to 3 channels, alpha dropped.
+
+    The bytes and the size the header declares are checked against ``limits`` before decoding (a
+    170 kB PNG may declare 150 megapixels); over a limit raises CutoutError naming the limit."""
     if data is None or len(data) == 0:
         raise CutoutError("empty file (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        limits.check_file_bytes(len(data))
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            # Decoded as RGB (3 bytes a pixel) after the mode's own bands: bound both before load().
+            limits.check_image(im.width, im.height, im.width * im.height * (len(im.getbands()) + 3))
             im.load()  # forces a full decode, so a truncated file fails here and not later
             arr = np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
-    except CutoutError:
-        raise
+    except LimitError as err:
+        raise CutoutError(str(err)) from None
+    except Image.DecompressionBombError as err:  # PIL's own guard (2x its MAX_IMAGE_PIXELS), should ours be set higher
+        raise CutoutError(f"image is a decompression bomb: {err}") from None
     except Exception as err:  # PIL raises several types: UnidentifiedImageError, OSError, SyntaxError
         text = str(err).lower()
         reason = "truncated image" if "truncated" in text or "broken data stream" in text else "cannot decode image"

@@ -33,11 +33,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from galray.config import ConfigError, check
+from galray.data.arrow_safety import UnreadableParquetError, UnsafeParquetError, open_parquet, read_footer
 from galray.data.cutouts import (CropResizeConfig, CutoutError, StretchConfig, check_finite, check_shape,
                                  crop_resize, decode_image, flux_to_rgb)
+from galray.data.ids import id_problem, id_strings, printable, raw_ids
+from galray.data.limits import GZIP_MAGIC, DecodeLimits, LimitError, gunzip
 from galray.data.shards import ID_COLUMN, ImageSpec, make_table
 from galray.storage import StorageConfig, arrow_filesystem, fsspec_filesystem, is_s3
 
@@ -131,8 +133,13 @@ class Unit:
     """First HDF5 row, or first Parquet row group."""
     stop: int = 0
     """One past the last HDF5 row or Parquet row group."""
-    duplicates: tuple[tuple[int, str], ...] = ()
-    """(position in unit, reason) for rows whose object_id was already taken earlier in sorted order."""
+    known_errors: tuple[tuple[int, str], ...] = ()
+    """(position in unit, reason) for rows known bad when planning: an object_id already taken earlier in
+    sorted order, or a file over ``limits.max_file_bytes`` (never fetched)."""
+    refused: str = ""
+    """Why the unit is not read at all (a Parquet file outside the allow-list of
+    :mod:`galray.data.arrow_safety`, not readable Parquet, or a unit whose task failed every retry):
+    every row is an errors row with this reason."""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -141,7 +148,7 @@ class Unit:
     def from_json(cls, text: str) -> "Unit":
         d = json.loads(text)
         return cls(index=d["index"], rows=d["rows"], paths=tuple(d["paths"]), start=d["start"], stop=d["stop"],
-                   duplicates=tuple((int(p), str(r)) for p, r in d["duplicates"]))
+                   known_errors=tuple((int(p), str(r)) for p, r in d["known_errors"]), refused=d.get("refused", ""))
 
 
 @dataclass(frozen=True)
@@ -168,6 +175,7 @@ class ReadContext:
     policy: CutoutPolicy
     fits: FitsConfig
     id_column: str = DEFAULT_GZ_ID_COLUMN
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
     catalog: pa.Table | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -201,23 +209,36 @@ def list_files(fs: pafs.FileSystem, root: str, extensions: tuple[str, ...]) -> l
 
     Hidden (``.x``) and underscore (``_errors``) files and folders are skipped.
     """
+    return [i.path for i in list_file_infos(fs, root, extensions)]
+
+
+def list_file_infos(fs: pafs.FileSystem, root: str, extensions: tuple[str, ...]) -> list[pafs.FileInfo]:
+    """:func:`list_files` with each file's size (``FileInfo.size``), from the listing itself."""
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
-        return [root]
+        return [info]
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{root} does not exist")
     out = []
-    for i in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
-        rel = i.path[len(root.rstrip("/")) + 1:]
-        if i.type != pafs.FileType.File or any(p.startswith((".", "_")) for p in rel.split("/")):
-            continue
-        if i.base_name.lower().endswith(extensions):
-            out.append(i.path)
-    return sorted(out)
+    try:
+        for i in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+            rel = i.path[len(root.rstrip("/")) + 1:]
+            if i.type != pafs.FileType.File or any(p.startswith((".", "_")) for p in rel.split("/")):
+                continue
+            if i.base_name.lower().endswith(extensions):
+                out.append(i)
+    except UnicodeDecodeError as err:  # pyarrow cannot list, or name, such a file at all
+        raise ConfigError("input", f"{root} holds a file or folder name that is not valid UTF-8 "
+                                   f"({printable(err.object[max(0, err.start - 40):err.end + 40], 200)!r}): "
+                                   "rename it (object ids are UTF-8 file stems)") from None
+    return sorted(out, key=lambda i: i.path)
 
 
-def plan_files(paths: list[str], shard_rows: int, extensions: tuple[str, ...], src: str) -> list[Unit]:
-    """Fixed-size groups of sorted files; the first file with a given stem wins, later ones are duplicates."""
+def plan_files(paths: list[str], shard_rows: int, extensions: tuple[str, ...], src: str,
+               too_big: dict[str, str] | None = None, limits: DecodeLimits = DecodeLimits()) -> list[Unit]:
+    """Fixed-size groups of sorted files; the first file with a given stem wins, later ones are duplicates.
+    ``too_big``: {path: reason} of files over a size limit, errors rows without being fetched; so are
+    files whose stem is not a valid id (:func:`galray.data.ids.id_problem`)."""
     seen: dict[str, str] = {}
     units = []
     for u, start in enumerate(range(0, len(paths), shard_rows)):
@@ -225,11 +246,16 @@ def plan_files(paths: list[str], shard_rows: int, extensions: tuple[str, ...], s
         dups = []
         for j, path in enumerate(group):
             oid = object_id_of(path, extensions)
-            if oid in seen:
+            problem = id_problem(oid, limits)
+            if too_big and path in too_big:
+                dups.append((j, too_big[path]))
+            elif problem:
+                dups.append((j, problem))
+            elif oid in seen:
                 dups.append((j, f"duplicate object_id (kept {seen[oid]})"))
             else:
                 seen[oid] = source_uri(src, path)
-        units.append(Unit(index=u, rows=len(group), paths=tuple(group), duplicates=tuple(dups)))
+        units.append(Unit(index=u, rows=len(group), paths=tuple(group), known_errors=tuple(dups)))
     return units
 
 
@@ -264,15 +290,23 @@ def _h5_label_names(datasets: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def plan_parquet(fs: pafs.FileSystem, paths: list[str], shard_rows: int, id_column: str, src: str) -> list[Unit]:
+def plan_parquet(fs: pafs.FileSystem, paths: list[str], shard_rows: int, id_column: str, src: str,
+                 limits: DecodeLimits = DecodeLimits()) -> list[Unit]:
     """Runs of consecutive row groups of each file, about ``shard_rows`` rows each.
 
     Reads the id column only, to settle duplicates up front: the first occurrence in (file, row) order wins.
+    Every file's footer passes the allow-list of :mod:`galray.data.arrow_safety` before pyarrow opens it;
+    a file that fails (an unsafe column type, or not readable Parquet) becomes one refused unit, whose
+    rows (one, when even the footer is unreadable) all go to the errors output.
     """
     seen: dict[str, str] = {}
     units: list[Unit] = []
     for path in paths:
-        pf = pq.ParquetFile(path, filesystem=fs)
+        try:
+            pf = open_parquet(fs, path, source_uri(src, path))
+        except (UnsafeParquetError, UnreadableParquetError) as err:
+            units.append(Unit(index=len(units), rows=_refused_rows(fs, path), paths=(path,), refused=str(err)))
+            continue
         if id_column not in pf.schema_arrow.names:
             raise ConfigError("id_column", f"{source_uri(src, path)} has no column {id_column!r} "
                                            f"(columns: {', '.join(pf.schema_arrow.names[:12])}...)")
@@ -283,29 +317,44 @@ def plan_parquet(fs: pafs.FileSystem, paths: list[str], shard_rows: int, id_colu
             while g < len(groups) and (rows == 0 or rows + groups[g][1] <= shard_rows):
                 rows += groups[g][1]
                 g += 1
-            ids = pf.read_row_groups(list(range(start, g)), columns=[id_column]).column(id_column)
-            ids = pc.cast(ids, pa.string()).to_pylist()
+            ids = raw_ids(pf.read_row_groups(list(range(start, g)), columns=[id_column]).column(id_column))
             dups = []
-            for j, oid in enumerate(ids):
-                if oid is None:
+            for j, raw in enumerate(ids):
+                if raw is None:
                     continue
-                if oid in seen:
+                problem = id_problem(raw, limits)
+                oid = raw.decode("utf-8") if problem is None else ""
+                if problem:
+                    dups.append((j, problem))
+                elif oid in seen:
                     dups.append((j, f"duplicate object_id (kept {seen[oid]})"))
                 else:
                     seen[oid] = source_uri(src, path)
             units.append(Unit(index=len(units), rows=rows, paths=(path,), start=start, stop=g,
-                              duplicates=tuple(dups)))
+                              known_errors=tuple(dups)))
     return units
 
 
-def plan_units(fmt: str, src: str, storage: StorageConfig, shard_rows: int, id_column: str | None) -> Plan:
+def _refused_rows(fs: pafs.FileSystem, path: str) -> int:
+    """Rows of a refused Parquet file, from its raw footer (1 when even that cannot be read)."""
+    try:
+        return max(read_footer(fs, path).num_rows, 1)
+    except UnreadableParquetError:
+        return 1
+
+
+def plan_units(fmt: str, src: str, storage: StorageConfig, shard_rows: int, id_column: str | None,
+               limits: DecodeLimits = DecodeLimits()) -> Plan:
     """List the input and split it into units (the driver's only pass over it: names, ids and metadata)."""
     fs, root = arrow_filesystem(src, storage)
-    paths = list_files(fs, root, EXTENSIONS[fmt])
+    infos = list_file_infos(fs, root, EXTENSIONS[fmt])
+    paths = [i.path for i in infos]
     if not paths:
         raise FileNotFoundError(f"no {'/'.join(EXTENSIONS[fmt])} files under {src}")
     if fmt in ("images", "fits"):
-        units = plan_files(paths, shard_rows, EXTENSIONS[fmt], src)
+        too_big = {i.path: f"file is {i.size:,} bytes, over limits.max_file_bytes ({limits.max_file_bytes:,})"
+                   for i in infos if (i.size or 0) > limits.max_file_bytes}
+        units = plan_files(paths, shard_rows, EXTENSIONS[fmt], src, too_big, limits)
         return Plan(units, len(paths))
     if fmt == "galaxy10-h5":
         if len(paths) > 1:
@@ -315,10 +364,14 @@ def plan_units(fmt: str, src: str, storage: StorageConfig, shard_rows: int, id_c
                  for u, a in enumerate(range(0, n, shard_rows))]
         return Plan(units, n, _h5_label_names(labels), native_side=min(shape[0], shape[1]))
     id_column = id_column or DEFAULT_GZ_ID_COLUMN
-    units = plan_parquet(fs, paths, shard_rows, id_column, src)
-    names = pq.read_schema(paths[0], filesystem=fs).names
+    units = plan_parquet(fs, paths, shard_rows, id_column, src, limits)
+    readable = [u for u in units if not u.refused]
+    if not readable:  # nothing to ingest: one line, the first file's reason
+        raise UnsafeParquetError(f"no input file of {src} can be read safely; {units[0].refused}")
+    first = readable[0].paths[0]
+    names = open_parquet(fs, first, source_uri(src, first)).schema_arrow.names
     if GZ_IMAGE_COLUMN not in names:
-        raise ConfigError("format", f"{source_uri(src, paths[0])} has no {GZ_IMAGE_COLUMN!r} column: "
+        raise ConfigError("format", f"{source_uri(src, first)} has no {GZ_IMAGE_COLUMN!r} column: "
                                     "not the Galaxy Zoo Parquet layout")
     labels = tuple(c for c in names if c not in (GZ_IMAGE_COLUMN, id_column))
     return Plan(units, sum(u.rows for u in units), labels)
@@ -348,8 +401,35 @@ def colour_cutout(image: np.ndarray, policy: CutoutPolicy, crop: CropResizeConfi
     return crop_resize(image, crop, "HWC")
 
 
-def read_fits(data: bytes) -> tuple[tuple[str, ...], list[np.ndarray]]:
+def check_fits_header(header: Any, index: int, compressed: int | None, limits: DecodeLimits) -> None:
+    """Raise LimitError when an image HDU's header declares more than ``limits`` allow: more axes than
+    ``max_fits_axes``, a plane over ``max_pixels``, data over ``max_decoded_bytes`` (8 bytes a value:
+    scaled integers become floats), or, for a tile-compressed HDU (``compressed``: the file's bytes),
+    more than ``max_compression_ratio`` times the file."""
+    naxis = int(header.get("NAXIS", 0))
+    if naxis > limits.max_fits_axes:
+        raise LimitError(f"FITS HDU {index} declares NAXIS = {naxis}, over limits.max_fits_axes ({limits.max_fits_axes})")
+    dims = [int(header.get(f"NAXIS{k}", 0)) for k in range(1, naxis + 1)]
+    if any(d < 0 for d in dims):
+        raise CutoutError(f"cannot read FITS: HDU {index} declares a negative axis {dims}")
+    if naxis >= 2:
+        limits.check_image(dims[0], dims[1], 0)
+    values = int(np.prod(dims, dtype=object)) if dims else 0
+    if values * 8 > limits.max_decoded_bytes:
+        raise LimitError(f"FITS HDU {index} declares {' x '.join(map(str, dims))} values ({values * 8:,} bytes as "
+                         f"float64), over limits.max_decoded_bytes ({limits.max_decoded_bytes:,})")
+    raw = values * abs(int(header.get("BITPIX", 8))) // 8
+    if compressed is not None and raw > limits.max_compression_ratio * max(compressed, 1):
+        raise LimitError(f"FITS HDU {index} decompresses to {raw:,} bytes from a {compressed:,}-byte file, over "
+                         f"limits.max_compression_ratio ({limits.max_compression_ratio:g}x)")
+
+
+def read_fits(data: bytes, limits: DecodeLimits = DecodeLimits()) -> tuple[tuple[str, ...], list[np.ndarray]]:
     """FITS bytes -> (band names, 2-D float32 planes).
+
+    Untrusted: the file's bytes, a gzip stream's output (stopped at ``limits``) and every image
+    header (axes, sizes, compression ratio: :func:`check_fits_header`) are checked before any data
+    is read; over a limit raises CutoutError naming it.
 
     The first 3-D HDU is a (C, H, W) cube whose bands are named by ``BAND0``, ``BAND1``, ... or
     ``BANDS`` ("g,r,z" or "grz"); without one, every 2-D image HDU is one band, named by its
@@ -360,11 +440,22 @@ def read_fits(data: bytes) -> tuple[tuple[str, ...], list[np.ndarray]]:
     if not data:
         raise CutoutError("empty file (0 bytes)")
     try:
+        limits.check_file_bytes(len(data))
+        if data[:2] == GZIP_MAGIC:  # astropy would inflate it whole, however large: bounded here
+            data = gunzip(data, limits)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # astropy warns about non-standard headers: the data decide
             with fits.open(io.BytesIO(data), memmap=False) as hdul:
-                hdus = [(i, h.header, np.asarray(h.data, dtype=np.float32)) for i, h in enumerate(hdul)
-                        if getattr(h, "is_image", False) and h.data is not None]
+                hdus = []
+                for i, h in enumerate(hdul):  # headers are read as the loop goes; data only when asked for
+                    if not getattr(h, "is_image", False):
+                        continue
+                    tiled = isinstance(h, fits.CompImageHDU)
+                    check_fits_header(h.header, i, len(data) if tiled else None, limits)
+                    if h.data is not None:
+                        hdus.append((i, h.header, np.asarray(h.data, dtype=np.float32)))
+    except LimitError as err:
+        raise CutoutError(str(err)) from None
     except Exception as err:  # astropy raises OSError, ValueError, TypeError... on corrupt or truncated files
         raise CutoutError(f"cannot read FITS: {str(err).splitlines()[0] if str(err) else type(err).__name__}") \
             from None
@@ -391,9 +482,10 @@ def read_fits(data: bytes) -> tuple[tuple[str, ...], list[np.ndarray]]:
     return tuple(names), planes
 
 
-def fits_flux(data: bytes, bands: tuple[str, ...], policy: CutoutPolicy) -> np.ndarray:
+def fits_flux(data: bytes, bands: tuple[str, ...], policy: CutoutPolicy,
+              limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
     """FITS bytes -> checked (C, H, W) float32 flux in ``bands`` order (scattered NaN set to 0)."""
-    names, planes = read_fits(data)
+    names, planes = read_fits(data, limits)
     lookup = dict(zip(reversed(names), reversed(planes)))  # the first HDU of a name wins
     # EXTNAMEs are upper case by FITS convention ("G" for g): an exact name wins, then any case.
     folded = dict(zip(reversed([n.lower() for n in names]), reversed(planes)))
@@ -415,9 +507,9 @@ def fits_flux(data: bytes, bands: tuple[str, ...], policy: CutoutPolicy) -> np.n
 
 
 def fits_cutout(data: bytes, bands: tuple[str, ...], policy: CutoutPolicy, crop: CropResizeConfig,
-                fits_cfg: FitsConfig) -> np.ndarray:
+                fits_cfg: FitsConfig, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
     """FITS bytes -> (C, size, size) float32 flux, or in mode rgb (size, size, 3) uint8 stretched after the crop."""
-    flux = crop_resize(fits_flux(data, bands, policy), crop, "CHW")
+    flux = crop_resize(fits_flux(data, bands, policy, limits), crop, "CHW")
     return flux_to_rgb(flux, fits_cfg.stretch) if fits_cfg.mode == "rgb" else flux
 
 
@@ -442,7 +534,7 @@ def _gz_bytes(value: Any) -> bytes | None:
 
 
 def probe(fmt: str, src: str, storage: StorageConfig, plan: Plan, policy: CutoutPolicy,
-          fits_cfg: FitsConfig) -> tuple[int | None, tuple[str, ...]]:
+          fits_cfg: FitsConfig, limits: DecodeLimits = DecodeLimits()) -> tuple[int | None, tuple[str, ...]]:
     """(native side, FITS bands) of the first readable inputs in sorted order (``None`` if none could be read)."""
     if plan.native_side is not None:
         return plan.native_side, ()
@@ -450,7 +542,7 @@ def probe(fmt: str, src: str, storage: StorageConfig, plan: Plan, policy: Cutout
     if fmt in ("images", "fits"):
         fs, _ = fsspec_filesystem(src, storage)
         for unit in plan.units:
-            dups = dict(unit.duplicates)
+            dups = dict(unit.known_errors)
             for j, path in enumerate(unit.paths):
                 if j in dups:
                     continue
@@ -460,17 +552,19 @@ def probe(fmt: str, src: str, storage: StorageConfig, plan: Plan, policy: Cutout
                 try:
                     data = fs.cat_file(path)
                     if fmt == "images":
-                        image = decode_image(data)
+                        image = decode_image(data, limits)
                         check_cutout(image, "HWC", policy, channels=3)
                         return native_side(image, "HWC"), ()
-                    bands = fits_cfg.bands or read_fits(data)[0]
-                    return native_side(fits_flux(data, bands, policy), "CHW"), bands
+                    bands = fits_cfg.bands or read_fits(data, limits)[0]
+                    return native_side(fits_flux(data, bands, policy, limits), "CHW"), bands
                 except (CutoutError, OSError):
                     continue
         return None, ()
     afs, _ = arrow_filesystem(src, storage)
     for unit in plan.units:
-        pf = pq.ParquetFile(unit.paths[0], filesystem=afs)
+        if unit.refused:
+            continue
+        pf = open_parquet(afs, unit.paths[0], source_uri(src, unit.paths[0]))
         for batch in pf.iter_batches(batch_size=8, row_groups=list(range(unit.start, unit.stop)),
                                      columns=[GZ_IMAGE_COLUMN]):
             for value in batch.column(0).to_pylist():
@@ -478,7 +572,7 @@ def probe(fmt: str, src: str, storage: StorageConfig, plan: Plan, policy: Cutout
                     return None, ()
                 tried += 1
                 try:
-                    image = decode_image(_gz_bytes(value))
+                    image = decode_image(_gz_bytes(value), limits)
                     check_cutout(image, "HWC", policy, channels=3)
                     return native_side(image, "HWC"), ()
                 except CutoutError:
@@ -542,13 +636,13 @@ def _fetch(fs: Any, paths: list[str]) -> dict[str, bytes | Exception]:
 def _read_files(unit: Unit, ctx: ReadContext, rows: _Rows) -> None:
     fs, _ = fsspec_filesystem(ctx.src, ctx.storage)
     exts = EXTENSIONS[ctx.format]
-    dups = dict(unit.duplicates)
+    dups = dict(unit.known_errors)
     crop = ctx.crop
     for a in range(0, len(unit.paths), READ_ROWS):
         chunk = list(enumerate(unit.paths[a:a + READ_ROWS], start=a))
         blobs = _fetch(fs, [p for j, p in chunk if j not in dups])
         for j, path in chunk:
-            oid, source = object_id_of(path, exts), source_uri(ctx.src, path)
+            oid, source = printable(object_id_of(path, exts), ctx.limits.max_id_bytes), source_uri(ctx.src, path)
             if j in dups:
                 rows.fail(oid, dups[j], source)
                 continue
@@ -558,9 +652,9 @@ def _read_files(unit: Unit, ctx: ReadContext, rows: _Rows) -> None:
                 continue
             try:
                 if ctx.format == "images":
-                    image = colour_cutout(decode_image(data), ctx.policy, crop)
+                    image = colour_cutout(decode_image(data, ctx.limits), ctx.policy, crop)
                 else:
-                    image = fits_cutout(data, ctx.fits.bands, ctx.policy, crop, ctx.fits)
+                    image = fits_cutout(data, ctx.fits.bands, ctx.policy, crop, ctx.fits, ctx.limits)
             except CutoutError as err:
                 rows.fail(oid, str(err), source)
                 continue
@@ -607,13 +701,13 @@ def _read_parquet(unit: Unit, ctx: ReadContext, rows: _Rows) -> pa.Table:
     path = unit.paths[0]
     source = source_uri(ctx.src, path)
     crop = ctx.crop
-    dups = dict(unit.duplicates)
-    pf = pq.ParquetFile(path, filesystem=afs)
+    dups = dict(unit.known_errors)
+    pf = open_parquet(afs, path, source)  # the allow-list again: the file may have changed since planning
     labels = [c for c in pf.schema_arrow.names if c not in (GZ_IMAGE_COLUMN, ctx.id_column)]
     parts: list[pa.RecordBatch] = []
     pos = 0
     for batch in pf.iter_batches(batch_size=READ_ROWS, row_groups=list(range(unit.start, unit.stop))):
-        ids = pc.cast(batch.column(ctx.id_column), pa.string()).to_pylist()
+        ids = id_strings(batch.column(ctx.id_column), ctx.limits)  # invalid ones printable; their rows are errors
         cells = batch.column(GZ_IMAGE_COLUMN).to_pylist()
         parts.append(batch.select(labels))
         for oid, cell in zip(ids, cells):
@@ -627,7 +721,7 @@ def _read_parquet(unit: Unit, ctx: ReadContext, rows: _Rows) -> pa.Table:
                 try:
                     if data is None:
                         raise CutoutError("missing image bytes")
-                    rows.ok(oid, colour_cutout(decode_image(data), ctx.policy, crop), j)
+                    rows.ok(oid, colour_cutout(decode_image(data, ctx.limits), ctx.policy, crop), j)
                 except CutoutError as err:
                     rows.fail(oid, str(err), source)
     schema = pf.schema_arrow
@@ -639,7 +733,13 @@ def convert_unit(unit: Unit, ctx: ReadContext) -> tuple[pa.Table, list[dict[str,
     """Read, decode, check, crop and resize one unit: (store table, errors rows); their sizes add up to unit.rows."""
     rows = _Rows(ctx)
     labels: pa.Table | None = None
-    if ctx.format in ("images", "fits"):
+    if unit.refused and ctx.format in ("images", "fits"):
+        for path in unit.paths:
+            rows.fail(object_id_of(path, EXTENSIONS[ctx.format]), unit.refused, source_uri(ctx.src, path))
+    elif unit.refused:
+        for i in range(unit.rows):
+            rows.fail(None, f"row {i} of a refused file: {unit.refused}", source_uri(ctx.src, unit.paths[0]))
+    elif ctx.format in ("images", "fits"):
         _read_files(unit, ctx, rows)
     elif ctx.format == "galaxy10-h5":
         labels = _read_h5(unit, ctx, rows)

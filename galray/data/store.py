@@ -13,9 +13,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 
+from galray.data.arrow_safety import open_parquet, read_schema
 from galray.data.shards import ERRORS_DIR, ID_COLUMN, ImageSpec, list_parquet, read_metadata, spec_from_schema
 from galray.data.resume import input_shards
 from galray.data.stores import footer_rows
@@ -47,7 +47,7 @@ def read_store(uri: str, storage: StorageConfig | None = None, columns: list[str
 
 def read_spec(uri: str, storage: StorageConfig | None = None) -> ImageSpec:
     fs, paths = shard_paths(uri, storage)
-    return spec_from_schema(pq.read_schema(paths[0], filesystem=fs))
+    return spec_from_schema(read_schema(fs, paths[0], uri))
 
 
 @dataclass
@@ -100,14 +100,14 @@ def _type_label(typ: pa.DataType) -> str:
 
 def store_summary(uri: str, storage: StorageConfig | None = None) -> StoreSummary:
     """Rows, shards, bytes, image layout, columns and label counts, reading footers and label columns only."""
-    fs, paths = shard_paths(uri, storage)
+    fs, paths = shard_paths(uri, storage)  # every footer checked against the allow-list
     rows = nbytes = 0
     schema = None
     counters: dict[str, Counter] = {}
     for path in paths:
         info = fs.get_file_info(path)
         nbytes += info.size or 0
-        pf = pq.ParquetFile(path, filesystem=fs)
+        pf = open_parquet(fs, path, join(uri, info.base_name))
         rows += pf.metadata.num_rows
         if schema is None:
             schema = pf.schema_arrow

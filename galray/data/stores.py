@@ -38,10 +38,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
+from galray.data.arrow_safety import open_parquet, read_footer, read_table
 from galray.data.shards import ERRORS_DIR, ID_COLUMN, META_KEY, errors_table, list_parquet, read_metadata, write_table
-from galray.storage import StorageConfig, StorageError, arrow_filesystem
+from galray.storage import StorageConfig, StorageError, arrow_filesystem, join
 
 EMBEDDING_COLUMN = "embedding"
 CODES_COLUMN = "codes"
@@ -65,7 +65,7 @@ def footer_rows(fs: pafs.FileSystem, paths: Sequence[str], missing_ok: bool = Fa
     def rows(path: str) -> int:
         if missing_ok and fs.get_file_info(path).type == pafs.FileType.NotFound:
             return 0
-        return pq.ParquetFile(path, filesystem=fs).metadata.num_rows
+        return read_footer(fs, path).num_rows  # the raw footer: no Arrow type is built
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         return list(pool.map(rows, paths))
@@ -116,7 +116,7 @@ def read_embeddings(uri: str, storage: StorageConfig | None = None) -> tuple[np.
     files = list_parquet(fs, root)
     if not files:
         raise StorageError(f"{uri} holds no embedding files")
-    tables = [pq.read_table(f.path, filesystem=fs) for f in files]
+    tables = [read_table(fs, f.path, join(uri, f.base_name)) for f in files]
     meta = read_metadata(tables[0].schema)
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
     emb = list_column_values(table.column(EMBEDDING_COLUMN)).astype(np.float32, copy=False)
@@ -212,7 +212,7 @@ def top_activating(uri: str, latents: Sequence[int], n: int, storage: StorageCon
     wanted = np.asarray(sorted({int(j) for j in latents}), np.int64)
     heaps: dict[int, list[tuple[float, str, str]]] = {int(j): [] for j in wanted}
     for path in files:
-        pf = pq.ParquetFile(path, filesystem=fs)
+        pf = open_parquet(fs, path)  # the allow-list of arrow_safety: a feature store may come from elsewhere
         for batch in pf.iter_batches(batch_size=batch_rows,
                                      columns=[ID_COLUMN, FEATURE_INDICES_COLUMN, FEATURE_VALUES_COLUMN]):
             offsets, idx, val = sparse_rows(batch)
@@ -259,7 +259,7 @@ def read_features(uri: str, storage: StorageConfig | None = None, max_rows: int 
     fs, files = feature_files(uri, storage)
     tables, n, meta = [], 0, {}
     for path in files:
-        pf = pq.ParquetFile(path, filesystem=fs)
+        pf = open_parquet(fs, path)  # the allow-list of arrow_safety: a feature store may come from elsewhere
         if not meta:
             meta = read_metadata(pf.schema_arrow)
         names = [c for c in pf.schema_arrow.names if columns is None or c in columns

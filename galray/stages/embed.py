@@ -55,10 +55,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from galray import __version__
 from galray.config import check, dumps, from_dict, upgrade_keys
+from galray.data.arrow_safety import open_parquet, read_schema
 from galray.data.cutouts import CutoutError
 from galray.data.preprocess import ImagePlan, PreprocessConfig, plan_for, plan_images, prepare_image
 from galray.data.resume import plan_shard_work
@@ -206,8 +206,7 @@ class ShardPreprocessor:
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         plan = self.plan
         for path in batch[PATH_COLUMN]:
-            with self.fs.open_input_file(path) as f:
-                pf = pq.ParquetFile(f)
+            with open_parquet(self.fs, path) as pf:  # the allow-list again: the file may have changed since listing
                 metadata = pf.schema_arrow.metadata
                 batches = pf.iter_batches(batch_size=self.batch_size, columns=[ID_COLUMN, plan.column])
                 for table in exact_batches(batches, self.batch_size):
@@ -391,7 +390,7 @@ def embed_store(job: EmbedJob, embedder_cls: type[Embedder] = Embedder,
     backbone = create_backbone(job.backbone)
     dim = embedding_dim(backbone)
     prep = backbone.preprocessing
-    plan = plan_for(pq.read_schema(shards[0].path, filesystem=fs_in), prep.input_size, prep.in_chans,
+    plan = plan_for(read_schema(fs_in, shards[0].path, join(job.input, shards[0].base_name)), prep.input_size, prep.in_chans,
                     job.preprocess)
     meta = provenance(job, backbone, dim, plan)
     del backbone

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from galray import __version__
 from galray.config import ConfigError, check, dumps
+from galray.data.arrow_safety import open_parquet, read_schema
 from galray.data.checkpoints import read_checkpoint, weights_hash
 from galray.data.cutouts import CutoutError
 from galray.data.preprocess import ImagePlan, PreprocessConfig, plan_for, plan_images, prepare_image
@@ -125,10 +125,10 @@ class ShardEncoder:
         job, plan = self.job, self.plan
         stem = shard_stem(path)
         source = join(job.input, path.rsplit("/", 1)[-1])
-        schema = pq.read_schema(path, filesystem=self.fs_in)
-        has_label = job.label_column in schema.names
-        cols = [ID_COLUMN, plan.column] + ([job.label_column] if has_label else [])
-        table = pq.read_table(path, filesystem=self.fs_in, columns=cols)
+        with open_parquet(self.fs_in, path, source) as pf:  # the allow-list again: the file may have changed
+            has_label = job.label_column in pf.schema_arrow.names
+            cols = [ID_COLUMN, plan.column] + ([job.label_column] if has_label else [])
+            table = pf.read(columns=cols)
         ids = [str(i) for i in table.column(ID_COLUMN).to_pylist()]
         n = len(ids)
         images = plan_images(table, plan)
@@ -177,7 +177,7 @@ def encode_store(job: EncodeJob) -> StageSummary:
     fs_in, shards, todo = work.fs_in, work.shards, work.todo
     checkpoint = read_checkpoint(job.vqvae, job.storage, "a VQ-VAE checkpoint")
     cfg = load_vqvae(checkpoint).cfg  # a bad checkpoint fails here, before any actor starts
-    plan = plan_for(pq.read_schema(shards[0].path, filesystem=fs_in), cfg.image_size, cfg.in_channels,
+    plan = plan_for(read_schema(fs_in, shards[0].path, join(job.input, shards[0].base_name)), cfg.image_size, cfg.in_channels,
                     job.preprocess)
     provenance = {"codes_store_version": CODES_STORE_VERSION, "producer": "galray encode",
                   "galray_version": __version__, "vqvae": job.vqvae,

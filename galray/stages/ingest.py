@@ -21,23 +21,25 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 import yaml
 
 from galray.config import ConfigError, check, dumps, to_dict, upgrade_keys
+from galray.data.arrow_safety import read_table
 from galray.data.formats import (DEFAULT_CATALOG_ID_COLUMN, DEFAULT_GZ_ID_COLUMN, FORMATS, GALAXY10_CLASSES,
                                  CutoutPolicy, FitsConfig, Format, Plan, ReadContext, Unit, convert_unit,
                                  image_spec, plan_units, probe)
+from galray.data.limits import DecodeLimits
 from galray.data.shards import CONFIG_NAME, ERRORS_DIR, ID_COLUMN, IMAGE_COLUMN, list_parquet, shard_name
 from galray.data.stores import footer_rows, write_shard
-from galray.session import ensure_ray
+from galray.session import MAX_RETRIES, ensure_ray
 from galray.stages.summary import StageSummary
 from galray.storage import StorageConfig, arrow_filesystem, check_access, exists, join, read_text, write_text
 
@@ -62,6 +64,9 @@ class IngestJob:
     """Input rows per unit (one Ray task, one shard): files, HDF5 rows, or Parquet rows (whole row groups)."""
     overwrite: bool = False
     """Delete the store's shards and errors first and redo everything (default: skip finished shards)."""
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+    """What one input file, image or FITS HDU may cost, checked before decoding; over a limit, the row is an
+    error naming the limit."""
     cutout: CutoutPolicy = field(default_factory=CutoutPolicy)
     """Validity checks and the crop/resize policy (cutout.size is --size)."""
     fits: FitsConfig = field(default_factory=FitsConfig)
@@ -88,7 +93,7 @@ def read_catalog(uri: str, id_column: str, storage: StorageConfig) -> pa.Table:
     fs, path = check_access(uri, storage, must_exist=True)
     low = path.lower()
     if low.endswith((".parquet", ".pq")):
-        table = pq.read_table(path, filesystem=fs)
+        table = read_table(fs, path, uri)  # a catalog is untrusted too: the allow-list first
     elif low.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
         with fs.open_input_stream(path) as f:  # decompresses .gz by extension
             table = pacsv.read_csv(
@@ -131,6 +136,7 @@ def _check_rerun(job: IngestJob, fs: pafs.FileSystem, root: str, plan: Plan) -> 
         for key in _RUN_ONLY_KEYS:
             old.pop(key, None)
             new.pop(key, None)
+        new = {k: v for k, v in new.items() if k in old}  # settings added since that store was made are unknown
         if old != new:
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ConfigError("output", f"{job.output} was written with other settings ({', '.join(changed)} "
@@ -151,6 +157,13 @@ def run_unit(unit: Unit, job: IngestJob, ctx: ReadContext) -> dict[str, Any]:
     return {"unit": unit.index, "rows_in": unit.rows, "rows_out": table.num_rows, "rows_errored": len(errors)}
 
 
+def give_up_unit(unit: Unit, job: IngestJob, ctx: ReadContext) -> dict[str, Any]:
+    """Write a unit whose task failed every attempt as errors rows only (run on the driver; reads nothing)."""
+    reason = (f"gave up after {MAX_RETRIES} retries: the task reading this unit failed or its worker died on "
+              "every attempt")
+    return run_unit(dataclasses.replace(unit, refused=reason), job, ctx)
+
+
 def ingest(job: IngestJob) -> StageSummary:
     """Ingest ``job.input`` into the store at ``job.output``; returns the stage summary (already checked)."""
     t0 = time.perf_counter()
@@ -160,8 +173,8 @@ def ingest(job: IngestJob) -> StageSummary:
 
     gz = job.format == "gz-parquet"
     id_column = job.id_column or (DEFAULT_GZ_ID_COLUMN if gz else DEFAULT_CATALOG_ID_COLUMN)
-    plan = plan_units(job.format, job.input, job.storage, job.shard_rows, id_column if gz else None)
-    side, bands = probe(job.format, job.input, job.storage, plan, job.cutout, job.fits)
+    plan = plan_units(job.format, job.input, job.storage, job.shard_rows, id_column if gz else None, job.limits)
+    side, bands = probe(job.format, job.input, job.storage, plan, job.cutout, job.fits, job.limits)
     if job.cutout.size is None and side is None:
         raise ConfigError("cutout.size", f"none of the first inputs of {job.input} could be read to learn the "
                                          "native size: pass --size")
@@ -199,14 +212,22 @@ def ingest(job: IngestJob) -> StageSummary:
         # The catalog goes to the object store once and is shared by every task (zero-copy Arrow).
         catalog_ref = ray.put(catalog) if catalog is not None else None
         base_ctx = ReadContext(format=job.format, src=job.input, storage=job.storage, spec=spec, policy=job.cutout,
-                               fits=job.fits, id_column=id_column, metadata=metadata)
+                               fits=job.fits, id_column=id_column, limits=job.limits, metadata=metadata)
 
         def task(row: dict[str, Any]) -> dict[str, Any]:
             ctx = base_ctx if catalog_ref is None else dataclasses.replace(base_ctx, catalog=ray.get(catalog_ref))
             return run_unit(Unit.from_json(row["unit"]), job, ctx)
 
         items = [{"unit": u.to_json()} for u in todo]
-        stats = ray.data.from_items(items, override_num_blocks=len(items)).map(task).take_all()
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        # A unit whose task fails MAX_RETRIES + 1 times (its worker killed, e.g. for memory) is skipped,
+        # not retried without end (Ray Data's default) nor fatal: its rows become errors rows below.
+        ds.context.max_errored_blocks = -1
+        with warnings.catch_warnings():  # Ray 2.60 names no parameter for it; ray_remote_args is the way
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            stats = ds.map(task, max_retries=MAX_RETRIES).take_all()
+        given_up = [u for u in todo if u.index not in {s["unit"] for s in stats}]
+        stats += [give_up_unit(u, job, base_ctx) for u in given_up]
     # Finished units of an earlier run count from their Parquet footers.
     finished = [u for u in plan.units if shard_name(u.index) in done]
     names = [shard_name(u.index) for u in finished]

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from galray.config import ConfigError
+from galray.data.arrow_safety import read_schema, read_table
 from galray.data.cutouts import CutoutError
 from galray.data.preprocess import ImagePlan, plan_for, prepare_image
 from galray.data.shards import ID_COLUMN, read_metadata
@@ -111,14 +111,14 @@ def _sae_init(job: TrainJob, storage: StorageConfig) -> tuple[SAEConfig, dict[st
     from galray.models.sae import SparseAutoencoder
 
     fs, paths = _shards(job, storage)
-    field_type = pq.read_schema(paths[0], filesystem=fs).field(EMBEDDING_COLUMN).type
+    field_type = read_schema(fs, paths[0]).field(EMBEDDING_COLUMN).type
     if not pa.types.is_fixed_size_list(field_type):
         raise ConfigError("input", f"{job.input}: column {EMBEDDING_COLUMN!r} is {field_type}, expected a fixed-size "
                                   f"list of float32 (an embedding store from `galray embed`)")
     d_in = field_type.list_size
     parts, n = [], 0
     for path in paths:
-        table = pq.read_table(path, filesystem=fs, columns=[ID_COLUMN, EMBEDDING_COLUMN])
+        table = read_table(fs, path, columns=[ID_COLUMN, EMBEDDING_COLUMN])
         x = sae_batch(table, "train", job.val_fraction)["x"]
         parts.append(x)
         n += len(x)
@@ -139,13 +139,13 @@ def _sae_init(job: TrainJob, storage: StorageConfig) -> tuple[SAEConfig, dict[st
 def _image_plan(job: TrainJob, storage: StorageConfig) -> ImagePlan:
     fs, paths = _shards(job, storage)
     m = job.vqvae.model
-    return plan_for(pq.read_schema(paths[0], filesystem=fs), m.image_size, m.in_channels)
+    return plan_for(read_schema(fs, paths[0]), m.image_size, m.in_channels)
 
 
 def _check_codes(job: TrainJob, storage: StorageConfig) -> None:
     """The code store must match the prior: grid length, codebook size, labels in range."""
     fs, paths = _shards(job, storage)
-    schema = pq.read_schema(paths[0], filesystem=fs)
+    schema = read_schema(fs, paths[0])
     if CODES_COLUMN not in schema.names:
         raise ConfigError("input", f"{job.input} has no {CODES_COLUMN!r} column: make a code store with "
                                    "`galray encode`")
@@ -159,7 +159,7 @@ def _check_codes(job: TrainJob, storage: StorageConfig) -> None:
         raise ConfigError("prior.model.vocab_size", f"is {m.vocab_size} but the codes come from a codebook of "
                                                     f"{meta['codebook_size']}")
     if LABEL_COLUMN in schema.names:
-        top = max((pq.read_table(p, filesystem=fs, columns=[LABEL_COLUMN]).column(LABEL_COLUMN).to_numpy().max(
+        top = max((read_table(fs, p, columns=[LABEL_COLUMN]).column(LABEL_COLUMN).to_numpy().max(
             initial=-1) for p in paths), default=-1)
         if top >= m.num_classes:
             raise ConfigError("prior.model.num_classes", f"is {m.num_classes} but the store has label {top}")
@@ -195,8 +195,8 @@ def _prior_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelCon
 
     _check_codes(job, storage)
     fs, paths = _shards(job, storage)
-    cols = [ID_COLUMN, CODES_COLUMN] + ([LABEL_COLUMN] if LABEL_COLUMN in pq.read_schema(
-        paths[0], filesystem=fs).names else [])
+    cols = [ID_COLUMN, CODES_COLUMN] + ([LABEL_COLUMN] if LABEL_COLUMN in read_schema(
+        fs, paths[0]).names else [])
     ds = read_store(job.input, storage, columns=cols)
     return ({split: ds.map_batches(prior_batch, fn_kwargs={
         "split": split, "val_fraction": job.val_fraction, "num_classes": job.prior.model.num_classes},

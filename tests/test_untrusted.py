@@ -1,0 +1,263 @@
+"""Untrusted input, tried as an attacker would (issue 14): every input here is built by the test.
+
+For every attack: the marker file a pickle would create never appears, the job finishes (or refuses
+at once with one clear line naming the file), and valid plus errored rows equal the input rows.
+Stage runs share the session's Ray (``ray_session``); the refusals happen on the driver, before Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import run_cli
+from galray.data.arrow_safety import UnreadableParquetError, UnsafeParquetError, checked_footer, read_footer
+from galray.data.cutouts import encode_png
+from galray.data.shards import ERRORS_DIR, ImageSpec, make_table, shard_name, write_table
+from galray.storage import arrow_filesystem
+
+SIZE = 16
+PICKLED = "ray.data.arrow_pickled_object"  # Ray's extension type whose values unpickle when read
+
+
+class _Marker:
+    """A pickle that creates ``path`` when it is loaded."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def _pickled_column(marker: Path, n: int) -> pa.ExtensionArray:
+    """``n`` values of Ray's pickled-object extension type, each creating ``marker`` when read."""
+    from ray.data._internal.object_extensions.arrow import ArrowPythonObjectType
+
+    blobs = pa.array([pickle.dumps(_Marker(marker))] * n, pa.large_binary())
+    return pa.ExtensionArray.from_storage(ArrowPythonObjectType(), blobs)
+
+
+def _galaxy(rng: np.random.Generator) -> np.ndarray:
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    blob = 200 * np.exp(-((yy - SIZE / 2) ** 2 + (xx - SIZE / 2) ** 2) / 20)
+    return np.clip(blob[..., None] + rng.integers(0, 30, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+
+
+def _gz_table(ids: list[str], rng: np.random.Generator) -> pa.Table:
+    cells = [{"bytes": encode_png(_galaxy(rng)), "path": f"{i}.png"} for i in ids]
+    return pa.table({"image": pa.array(cells, pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                     "id_str": ids})
+
+
+def _cutout_store(root: Path, shards: int, rows: int, extra: dict | None = None) -> None:
+    rng = np.random.default_rng(0)
+    fs, path = arrow_filesystem(str(root))
+    for s in range(shards):
+        ids = [f"g{s}-{i}" for i in range(rows)]
+        table = make_table({"object_id": ids, "image": np.stack([_galaxy(rng) for _ in ids])},
+                           ImageSpec(shape=(SIZE, SIZE, 3)))
+        for name, column in (extra or {}).items():
+            table = table.append_column(name, column)
+        write_table(table, fs, f"{path}/{shard_name(s)}")
+
+
+@pytest.fixture
+def marker(tmp_path: Path) -> Path:
+    path = tmp_path / "PWNED"
+    # The attack itself works in this process: reading the column runs the pickle.
+    probe = pa.table({"x": _pickled_column(tmp_path / "probe", 1)})
+    probe.column("x").to_pylist()
+    assert (tmp_path / "probe").exists()
+    yield path
+    assert not path.exists(), "a pickle from a data file ran"
+
+
+# --- the allow-list -----------------------------------------------------------------------------------
+
+def test_allow_list_reads_the_footer_without_building_types(tmp_path, marker):
+    fs, _ = arrow_filesystem(str(tmp_path))
+    pq.write_table(pa.table({"id": ["a"], "obj": _pickled_column(marker, 1)}), tmp_path / "evil.parquet")
+    footer = read_footer(fs, str(tmp_path / "evil.parquet"))
+    assert footer.num_rows == 1 and [(f.path, f.extension) for f in footer.fields] == [("id", None), ("obj", PICKLED)]
+    with pytest.raises(UnsafeParquetError, match=r"evil.parquet: column 'obj' has extension type "
+                                                 r"'ray.data.arrow_pickled_object'"):
+        checked_footer(fs, str(tmp_path / "evil.parquet"))
+    # Nested inside a struct, and an extension no library registered: refused as well.
+    inner = pa.field("v", pa.binary(), metadata={b"ARROW:extension:name": b"someone.else"})
+    pq.write_table(pa.table({"s": pa.array([{"v": b"x"}], pa.struct([inner]))}), tmp_path / "nested.parquet")
+    with pytest.raises(UnsafeParquetError, match=r"column 's.v' has extension type 'someone.else'"):
+        checked_footer(fs, str(tmp_path / "nested.parquet"))
+    # The cutout store's own tensor column and plain types pass.
+    _cutout_store(tmp_path / "store", 1, 2, {"label": pa.array([1, 2]), "tags": pa.array([["a"], []])})
+    assert checked_footer(fs, str(tmp_path / "store" / shard_name(0))).num_rows == 2
+    data = (tmp_path / "store" / shard_name(0)).read_bytes()
+    for cut, name in ((len(data) - 30, "truncated"), (4, "tiny")):
+        (tmp_path / f"{name}.parquet").write_bytes(data[:cut])
+        with pytest.raises(UnreadableParquetError, match=f"{name}.parquet: "):
+            checked_footer(fs, str(tmp_path / f"{name}.parquet"))
+
+
+def test_pickled_column_in_ingest_is_errors_rows_and_nothing_runs(tmp_path, marker, ray_session):
+    from galray.stages.ingest import IngestJob, ingest
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    pq.write_table(_gz_table([f"ok{i}" for i in range(3)], rng), src / "a.parquet")
+    evil = _gz_table(["e0", "e1"], rng)
+    evil = evil.set_column(0, "image", _pickled_column(marker, 2))
+    pq.write_table(evil, src / "b.parquet")
+    (src / "c.parquet").write_bytes((src / "a.parquet").read_bytes()[:-40])  # truncated: one errors row
+    summary = ingest(IngestJob(format="gz-parquet", input=str(src), output=str(tmp_path / "out"), shard_rows=10))
+    assert (summary.rows_in, summary.rows_out, summary.rows_errored) == (6, 3, 3)
+    errors = pq.read_table(tmp_path / "out" / ERRORS_DIR).to_pylist()
+    reasons = sorted(e["reason"] for e in errors)
+    assert [r.split(": ", 1)[0] for r in reasons] == ["row 0 of a refused file", "row 0 of a refused file",
+                                                       "row 1 of a refused file"]
+    assert sum("column 'image' has extension type 'ray.data.arrow_pickled_object'" in r for r in reasons) == 2
+    assert sum("truncated" in r for r in reasons) == 1
+
+
+def test_pickled_column_refused_by_embed_encode_training_and_info(tmp_path, marker):
+    """Each reader of a store refuses it on the driver, naming the file and the column, before Ray starts."""
+    from galray.data.store import store_summary
+    from galray.models.backbone_config import BackboneConfig
+    from galray.stages.embed import EmbedJob, embed_store
+    from galray.stages.encode import EncodeJob, encode_store
+    from galray.storage import StorageConfig
+    from galray.train.config import TrainJob
+    from galray.train.datasets import build_datasets
+
+    store = tmp_path / "store"
+    _cutout_store(store, 2, 3)
+    _cutout_store(tmp_path / "evil_shard", 1, 3, {"label": _pickled_column(marker, 3)})
+    os.replace(tmp_path / "evil_shard" / shard_name(0), store / "shard-00009.parquet")
+    refused = r"shard-00009.parquet: column 'label' has extension type 'ray.data.arrow_pickled_object'"
+    out = str(tmp_path / "out")
+    runs = {
+        "embed": lambda: embed_store(EmbedJob(input=str(store), output=out, backbone=BackboneConfig(
+            "test_convnext", pretrained=False, input_size=SIZE))),
+        "encode": lambda: encode_store(EncodeJob(input=str(store), output=out, vqvae=str(tmp_path / "no-vq"))),
+        "train": lambda: build_datasets(TrainJob(name="t", kind="vqvae", input=str(store)), StorageConfig()),
+        "info": lambda: store_summary(str(store)),
+    }
+    for name, run in runs.items():
+        with pytest.raises(UnsafeParquetError, match=refused):
+            run()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    # From the command line: one clear line and a non-zero exit, no traceback.
+    got = run_cli("info", str(store))
+    assert got.returncode == 1 and "Traceback" not in got.stderr
+    assert got.stderr.strip().count("\n") == 0 and "column 'label'" in got.stderr, got.stderr
+
+
+# --- poison files: limits before decoding ---------------------------------------------------------
+
+def _png_bomb(side: int) -> bytes:
+    """A small PNG declaring side x side pixels (a filled ellipse on black, as in the issue)."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("L", (side, side))
+    ImageDraw.Draw(im).ellipse((side // 4, side // 3, 3 * side // 4, 2 * side // 3), fill=200)
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def _fits_header(cards: dict) -> bytes:
+    """A bare FITS primary header (no data follows, whatever it claims)."""
+    text = "".join(f"{k:<8}= {v!r:>20}".replace("'", " ")[:80].ljust(80) if not isinstance(v, bool) else
+                   f"{k:<8}= {'T' if v else 'F':>20}".ljust(80) for k, v in cards.items()) + "END".ljust(80)
+    return text.encode().ljust(2880, b" ")
+
+
+def _gzip_bomb(raw_bytes: int) -> bytes:
+    """A gzipped FITS whose data are ``raw_bytes`` of zeros, compressed ~1000x, written in 1 MB steps."""
+    import gzip
+    import io
+
+    side = int((raw_bytes // 4) ** 0.5)
+    header = _fits_header({"SIMPLE": True, "BITPIX": -32, "NAXIS": 2, "NAXIS1": side, "NAXIS2": side})
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb") as f:
+        f.write(header)
+        zeros = bytes(1 << 20)
+        left = side * side * 4
+        while left > 0:
+            f.write(zeros[:min(left, len(zeros))])
+            left -= len(zeros)
+    return buf.getvalue()
+
+
+def test_poison_files_are_errors_rows_naming_the_limit(tmp_path, ray_session):
+    """A PNG bomb, FITS headers claiming huge or many axes, a gzip bomb and bad names among normal
+    files: each is one errors row naming its limit, the valid files are stored, nothing is retried."""
+    from astropy.io import fits
+
+    from galray.stages.ingest import IngestJob, ingest
+
+    rng = np.random.default_rng(2)
+    src = tmp_path / "png"
+    src.mkdir()
+    for i in range(4):
+        (src / f"ok{i}.png").write_bytes(encode_png(_galaxy(rng)))
+    bomb = _png_bomb(8000)  # 64 MP (192 MB as RGB) in a few kB
+    assert len(bomb) < 200_000
+    (src / "bomb.png").write_bytes(bomb)
+    (src / "new\nline.png").write_bytes(encode_png(_galaxy(rng)))  # a control character in the id
+    got = ingest(IngestJob(format="images", input=str(src), output=str(tmp_path / "png_out"), shard_rows=3))
+    assert (got.rows_in, got.rows_out, got.rows_errored) == (6, 4, 2)
+    reasons = {e["object_id"]: e["reason"] for e in pq.read_table(tmp_path / "png_out" / ERRORS_DIR).to_pylist()}
+    assert reasons["bomb"].startswith("image declares 8000 x 8000 = 64,000,000 pixels, over limits.max_pixels")
+    assert reasons["new\\x0aline"] == "object_id contains control characters (NUL, newline, ...)"
+
+    src = tmp_path / "fits"
+    src.mkdir()
+    for i in range(2):
+        fits.PrimaryHDU(rng.normal(size=(3, SIZE, SIZE)).astype(np.float32)).writeto(src / f"ok{i}.fits")
+    (src / "huge.fits").write_bytes(_fits_header({"SIMPLE": True, "BITPIX": -64, "NAXIS": 2,
+                                                  "NAXIS1": 1_000_000, "NAXIS2": 1_000_000}))
+    (src / "axes.fits").write_bytes(_fits_header({"SIMPLE": True, "BITPIX": 8, "NAXIS": 9,
+                                                  **{f"NAXIS{k}": 2 for k in range(1, 10)}}))
+    (src / "gzbomb.fits.gz").write_bytes(_gzip_bomb(200 << 20))
+    assert (src / "gzbomb.fits.gz").stat().st_size < 1 << 20
+    got = ingest(IngestJob(format="fits", input=str(src), output=str(tmp_path / "fits_out"), shard_rows=10))
+    assert (got.rows_in, got.rows_out, got.rows_errored) == (5, 2, 3)
+    reasons = {e["object_id"]: e["reason"] for e in pq.read_table(tmp_path / "fits_out" / ERRORS_DIR).to_pylist()}
+    assert "over limits.max_pixels" in reasons["huge"]
+    assert "NAXIS = 9, over limits.max_fits_axes (3)" in reasons["axes"]
+    assert "over limits.max_compression_ratio (100x the compressed size)" in reasons["gzbomb"]
+
+
+def test_bad_ids_in_a_parquet_input_are_errors_rows(tmp_path, ray_session):
+    """Invalid UTF-8, ``../``, NUL and 10 kB ids in gz-parquet: errors rows with a printable id; ``../`` is
+    a valid (opaque) id. A folder with a name that is not UTF-8 is refused at once with one line."""
+    from galray.config import ConfigError
+    from galray.stages.ingest import IngestJob, ingest
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    ids = [b"ok", b"bad\xff\xfe", b"../../etc/passwd", b"nul\x00id", b"x" * 10_000]
+    table = _gz_table([f"r{i}" for i in range(len(ids))], rng).set_column(1, "id_str", pa.array(ids, pa.binary()))
+    pq.write_table(table, src / "a.parquet")
+    got = ingest(IngestJob(format="gz-parquet", input=str(src), output=str(tmp_path / "out"), shard_rows=10))
+    assert (got.rows_in, got.rows_out, got.rows_errored) == (5, 2, 3)
+    stored = pq.read_table(tmp_path / "out" / shard_name(0)).column("object_id").to_pylist()
+    assert sorted(stored) == ["../../etc/passwd", "ok"]
+    errors = sorted((e["object_id"][:12], e["reason"]) for e in pq.read_table(tmp_path / "out" / ERRORS_DIR).to_pylist())
+    assert errors == [("bad\\xff\\xfe", "object_id is not valid UTF-8"),
+                      ("nul\\x00id", "object_id contains control characters (NUL, newline, ...)"),
+                      ("x" * 12, "object_id is 10,000 bytes, over limits.max_id_bytes (1,024)")]
+    os.makedirs(os.fsencode(str(tmp_path / "names")) + b"/bad\xffdir")
+    with pytest.raises(ConfigError, match="not valid UTF-8"):
+        ingest(IngestJob(format="images", input=str(tmp_path / "names"), output=str(tmp_path / "o2")))
