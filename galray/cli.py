@@ -86,6 +86,12 @@ def _d(text: str) -> str:
     return textwrap.dedent(text).strip()
 
 
+EXIT_TOO_MANY_ERRORS = 3  # the job ran to the end, but more rows errored than --max-error-fraction allows
+MAX_ERROR_FRACTION = Flag("--max-error-fraction", "max_error_fraction",
+                          "exit with status 3 (after writing everything) when more than this fraction of the rows "
+                          "errored")
+OVERWRITE = Flag("--overwrite", "overwrite", "replace the output entirely (default: resume it if it was made with the "
+                 "same settings; refuse, naming the field, if not)", const=True)
 TRACKING_URI = Flag("--tracking-uri", "tracking.uri", "MLflow tracking URI",
                     default="MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
 
@@ -105,7 +111,7 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
         Flag("--output", "output", "output store URI (folder, file:// or s3://bucket/prefix)", old=("--out",)),
         Flag("--shard-rows", "shard_rows", "rows per Parquet shard"),
         Flag("--preview", "preview", "also write a montage PNG with one row per class", metavar="PNG"),
-        Flag("--overwrite", "overwrite", "re-render shards that already exist", const=True))),
+        OVERWRITE)),
     Verb("sample", "galray.stages.sample", "SampleJob", "write_sample",
          "write a store of real galaxies from a bundled image (no download)", _d("""
         xdf: the Hubble eXtreme Deep Field colour image that scikit-image ships. Sources are
@@ -115,7 +121,8 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
         peak, S/N, area, box size and the fraction of the box outside the image."""), (
         Flag("source", "source", "which real image to cut"),
         Flag("--output", "output", "output store URI", old=("--out",)),
-        Flag("--size", "xdf.size", "cutout size in pixels"))),
+        Flag("--size", "xdf.size", "cutout size in pixels"),
+        OVERWRITE)),
     Verb("ingest", "galray.stages.ingest", "IngestJob", "ingest",
          "read survey cutouts (image folders, Galaxy10 HDF5, Galaxy Zoo Parquet, FITS) into a cutout store", _d("""
         Stream survey cutouts, as they ship, into a sharded Parquet cutout store with Ray Data:
@@ -143,7 +150,8 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
         Flag("--crop-fraction", "cutout.crop_fraction", "central fraction of each side kept before resizing"),
         Flag("--fits-mode", "fits.mode", "FITS: float32 flux or uint8 arcsinh rendering"),
         Flag("--shard-rows", "shard_rows", "input rows per task and shard"),
-        Flag("--overwrite", "overwrite", "delete existing shards and errors and redo all", const=True)),
+        MAX_ERROR_FRACTION,
+        OVERWRITE),
          errors_output=True),
     Verb("info", "galray.stages.info", "InfoJob", "info",
          "summarise a cutout store: rows, image shape, columns, labels, bytes", _d("""
@@ -190,7 +198,8 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
                                      "one-off compile (tens of seconds per replica); worth it for large stores",
              const=True),
         Flag("--torch-threads", "torch_threads", "torch threads per replica on CPU", default="its CPUs"),
-        Flag("--overwrite", "overwrite", "recompute shards whose output already exists", const=True),
+        MAX_ERROR_FRACTION,
+        OVERWRITE,
         TRACKING_URI,
         Flag("--no-tracking", "tracking.enabled", "do not record the run in MLflow", const=False)),
          errors_output=True),
@@ -211,7 +220,8 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
         Flag("--actors", "pool.actors", "encoder actors; 0: GPUs / num_gpus, or CPUs / 2"),
         Flag("--num-gpus", "pool.num_gpus", "GPUs per actor"),
         Flag("--label-column", "label_column", "input column copied to `label`"),
-        Flag("--overwrite", "overwrite", "recompute shards whose output exists", const=True)),
+        MAX_ERROR_FRACTION,
+        OVERWRITE),
          errors_output=True),
     Verb("features", "galray.stages.features", "FeaturesJob", "features",
          "apply a trained SAE to an embedding store into a sparse feature store; or list a latent's top objects", _d("""
@@ -503,10 +513,13 @@ def run(args: argparse.Namespace) -> int:
     summary = func(job)
     if getattr(args, "json", False):
         print(json.dumps(summary.to_json(), indent=2, default=str))
-        return 0
-    print(summary.format())
-    if verb.errors_output and getattr(summary, "rows_errored", 0):
-        print(f"errored rows (object_id, stage, reason, source_file): {job.output.rstrip('/')}/_errors/")
+    else:
+        print(summary.format())
+        if verb.errors_output and getattr(summary, "rows_errored", 0):
+            print(f"errored rows (object_id, stage, reason, source_file): {job.output.rstrip('/')}/_errors/")
+    if getattr(summary, "too_many_errors", False):
+        print(f"galray {verb.name}: error: {summary.error_line()}", file=sys.stderr)
+        return EXIT_TOO_MANY_ERRORS
     return 0
 
 

@@ -115,12 +115,17 @@ def test_pickled_column_in_ingest_is_errors_rows_and_nothing_runs(tmp_path, mark
     evil = evil.set_column(0, "image", _pickled_column(marker, 2))
     pq.write_table(evil, src / "b.parquet")
     (src / "c.parquet").write_bytes((src / "a.parquet").read_bytes()[:-40])  # truncated: one errors row
+    # Garbage over the image column's first page, footer intact: the unit's rows are errors rows.
+    pq.write_table(_gz_table(["p0", "p1"], rng), src / "d.parquet", compression="none")
+    data = bytearray((src / "d.parquet").read_bytes())
+    data[4:64] = b"\xff" * 60
+    (src / "d.parquet").write_bytes(bytes(data))
     summary = ingest(IngestJob(format="gz-parquet", input=str(src), output=str(tmp_path / "out"), shard_rows=10))
-    assert (summary.rows_in, summary.rows_out, summary.rows_errored) == (6, 3, 3)
+    assert (summary.rows_in, summary.rows_out, summary.rows_errored) == (8, 3, 5)
     errors = pq.read_table(tmp_path / "out" / ERRORS_DIR).to_pylist()
     reasons = sorted(e["reason"] for e in errors)
-    assert [r.split(": ", 1)[0] for r in reasons] == ["row 0 of a refused file", "row 0 of a refused file",
-                                                       "row 1 of a refused file"]
+    assert [r.split(": ", 1)[0] for r in reasons] == ["row 0 of a refused file"] * 3 + ["row 1 of a refused file"] * 2
+    assert sum("cannot read this unit" in r for r in reasons) == 2
     assert sum("column 'image' has extension type 'ray.data.arrow_pickled_object'" in r for r in reasons) == 2
     assert sum("truncated" in r for r in reasons) == 1
 
@@ -156,6 +161,12 @@ def test_pickled_column_refused_by_embed_encode_training_and_info(tmp_path, mark
     got = run_cli("info", str(store))
     assert got.returncode == 1 and "Traceback" not in got.stderr
     assert got.stderr.strip().count("\n") == 0 and "column 'label'" in got.stderr, got.stderr
+    # A truncated shard: refused at once too, naming it.
+    data = (store / "shard-00009.parquet").read_bytes()
+    (store / "shard-00009.parquet").write_bytes(data[: len(data) // 2])
+    for name, run in runs.items():
+        with pytest.raises(UnreadableParquetError, match=r"shard-00009.parquet: not a Parquet file, or truncated"):
+            run()
 
 
 # --- poison files: limits before decoding ---------------------------------------------------------
@@ -261,3 +272,78 @@ def test_bad_ids_in_a_parquet_input_are_errors_rows(tmp_path, ray_session):
     os.makedirs(os.fsencode(str(tmp_path / "names")) + b"/bad\xffdir")
     with pytest.raises(ConfigError, match="not valid UTF-8"):
         ingest(IngestJob(format="images", input=str(tmp_path / "names"), output=str(tmp_path / "o2")))
+
+
+# --- safe reruns ------------------------------------------------------------------------------------
+
+def test_embed_rerun_refuses_another_model_overwrite_replaces_and_a_cut_shard_is_recomputed(tmp_path, ray_session):
+    import yaml
+
+    from galray.config import ConfigError
+    from galray.models.backbone_config import BackboneConfig
+    from galray.stages.embed import EmbedJob, embed_store
+    from galray.tracking import TrackingConfig
+
+    _cutout_store(tmp_path / "in", 3, 4)
+    out = tmp_path / "out"
+
+    def job(model: str, **kw) -> EmbedJob:
+        return EmbedJob(input=str(tmp_path / "in"), output=str(out), backbone=BackboneConfig(
+            model, pretrained=False, input_size=32), tracking=TrackingConfig(enabled=False), **{"batch_size": 4, **kw})
+
+    first = embed_store(job("test_convnext"))
+    assert (first.rows_out, first.skipped_shards) == (12, 0)
+    names = [f"shard-{i:05d}.parquet" for i in range(3)]
+    before = {n: (out / n).read_bytes() for n in names}
+    # A shard cut short (a copy interrupted, a disk full): the rerun recomputes exactly that one.
+    (out / names[1]).write_bytes(before[names[1]][: len(before[names[1]]) // 2])
+    again = embed_store(job("test_convnext", batch_size=2))  # a run-only setting may change
+    assert (again.rows_in, again.skipped_shards) == (4, 2)
+    assert {n: (out / n).read_bytes() for n in names} == before
+    # Another model into the same output: refused at once, naming the field, nothing touched.
+    with pytest.raises(ConfigError, match=r"^backbone.name: .* was made with backbone.name='test_convnext', "
+                                          r"this run has 'test_resnet'.*--overwrite"):
+        embed_store(job("test_resnet"))
+    assert {n: (out / n).read_bytes() for n in names} == before
+    # --overwrite replaces it entirely: every shard from the new model, one record.
+    redo = embed_store(job("test_resnet", overwrite=True))
+    assert (redo.rows_out, redo.skipped_shards) == (12, 0)
+    for n in names:
+        assert pq.read_schema(out / n).field("embedding").type.list_size == 96
+    record = yaml.safe_load((out / "_provenance.yaml").read_text())
+    assert record["settings"]["backbone.name"] == "test_resnet" and record["made_with"]["weights"] == "random-init:seed0"
+    assert "storage.access_key_id" not in record["settings"]  # no credentials, not even redacted ones
+
+
+def test_simulate_with_another_seed_is_refused_and_too_many_errors_exit_3(tmp_path, ray_session):
+    from galray.cli import main
+    from galray.config import ConfigError
+    from galray.data.galsim_survey import SimConfig
+    from galray.stages.simulate import SimulateJob, simulate_survey
+
+    sim = tmp_path / "sim"
+    simulate_survey(SimulateJob(output=str(sim), n=4, shard_rows=2, sim=SimConfig(size=32, seed=1)))
+    with pytest.raises(ConfigError, match=r"^sim.seed: .* was made with sim.seed=1, this run has 2"):
+        simulate_survey(SimulateJob(output=str(sim), n=4, shard_rows=2, sim=SimConfig(size=32, seed=2)))
+    # Exit status: everything is written, then a non-zero exit when too many rows errored.
+    src = tmp_path / "png"
+    src.mkdir()
+    (src / "good.png").write_bytes(encode_png(_galaxy(np.random.default_rng(0))))
+    for i in range(3):
+        (src / f"bad{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    args = ["ingest", "--format", "images", str(src), "--output", str(tmp_path / "o"), "--size", "16"]
+    assert main(args) == 3  # 3 of 4 rows errored, over the default 0.1
+    assert pq.read_table(tmp_path / "o" / shard_name(0)).num_rows == 1
+    assert pq.read_table(tmp_path / "o" / ERRORS_DIR).num_rows == 3
+    assert main(args + ["--max-error-fraction", "0.75"]) == 0  # a rerun (same settings) accepting them
+
+
+def test_check_ids_keeps_the_first_and_names_each_problem():
+    from galray.data.ids import check_ids
+    from galray.data.limits import DecodeLimits
+
+    ids, problems = check_ids(pa.array([b"a", None, b"a", b"b\xff", b"c\nd", b"ok"], pa.binary()), DecodeLimits())
+    assert ids == ["a", None, "a", "b\\xff", "c\\x0ad", "ok"]
+    assert problems == {1: "missing object_id", 2: "duplicate object_id (first at row 0)",
+                        3: "object_id is not valid UTF-8", 4: "object_id contains control characters (NUL, newline, ...)"}
+    assert check_ids(pa.array([7, 8, 7]), DecodeLimits()) == (["7", "8", "7"], {2: "duplicate object_id (first at row 0)"})

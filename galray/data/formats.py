@@ -297,7 +297,8 @@ def plan_parquet(fs: pafs.FileSystem, paths: list[str], shard_rows: int, id_colu
     Reads the id column only, to settle duplicates up front: the first occurrence in (file, row) order wins.
     Every file's footer passes the allow-list of :mod:`galray.data.arrow_safety` before pyarrow opens it;
     a file that fails (an unsafe column type, or not readable Parquet) becomes one refused unit, whose
-    rows (one, when even the footer is unreadable) all go to the errors output.
+    rows (one, when even the footer is unreadable) all go to the errors output; so do row groups whose
+    ids cannot be read.
     """
     seen: dict[str, str] = {}
     units: list[Unit] = []
@@ -317,7 +318,12 @@ def plan_parquet(fs: pafs.FileSystem, paths: list[str], shard_rows: int, id_colu
             while g < len(groups) and (rows == 0 or rows + groups[g][1] <= shard_rows):
                 rows += groups[g][1]
                 g += 1
-            ids = raw_ids(pf.read_row_groups(list(range(start, g)), columns=[id_column]).column(id_column))
+            try:
+                ids = raw_ids(pf.read_row_groups(list(range(start, g)), columns=[id_column]).column(id_column))
+            except (OSError, pa.ArrowException) as err:  # corrupt pages: these row groups' rows are errors rows
+                units.append(Unit(index=len(units), rows=rows, paths=(path,), start=start, stop=g,
+                                  refused=f"{source_uri(src, path)}: cannot read its ids: {err}"))
+                continue
             dups = []
             for j, raw in enumerate(ids):
                 if raw is None:

@@ -53,6 +53,29 @@ def id_problem(raw: bytes | str | None, limits: DecodeLimits) -> str | None:
     return None
 
 
+def check_ids(values: pa.Array | pa.ChunkedArray, limits: DecodeLimits) -> tuple[list[str | None], dict[int, str]]:
+    """``(ids, problems)`` of one input's id column: ``ids[i]`` as a string (its :func:`printable` form
+    when it breaks a rule, None when missing), ``problems[i]`` why row ``i`` goes to the errors output.
+    Duplicates within the column: the first occurrence is kept."""
+    ids: list[str | None] = []
+    problems: dict[int, str] = {}
+    first: dict[str, int] = {}
+    for i, raw in enumerate(raw_ids(values)):
+        problem = id_problem(raw, limits)
+        if problem is None:
+            oid = raw.decode("utf-8")
+            if oid in first:
+                problem = f"duplicate object_id (first at row {first[oid]})"
+            else:
+                first[oid] = i
+            ids.append(oid)
+        else:
+            ids.append(None if raw is None else printable(raw, limits.max_id_bytes))
+        if problem is not None:
+            problems[i] = problem
+    return ids, problems
+
+
 def raw_ids(values: pa.Array | pa.ChunkedArray) -> list[bytes | None]:
     """An id column as bytes (integers as their decimal text): a string column of a file galray did not
     write may hold invalid UTF-8, which a cast to string would abort on."""

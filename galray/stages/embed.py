@@ -24,10 +24,13 @@ rows equal the input rows of every shard.
 
 **Exactly once, resumable.** The unit of work is one input shard -> one output file:
 
-1. Before starting, shards whose output file exists are skipped (``overwrite`` recomputes them).
-   Output files are only ever written whole: atomically (temp file + rename locally; an S3 PUT is
-   atomic), and only once every row of their shard has come back. So an existing output file is
-   always a complete one, and an interrupted run resumes exactly where it stopped.
+1. Before starting, the output's record must match this run's settings, model and weights
+   (:func:`galray.data.provenance.claim_output`: otherwise refused, naming the field;
+   ``overwrite`` replaces the output entirely), and shards whose output rows plus error rows equal
+   their input rows are skipped (:func:`galray.data.resume.finished`: a missing, short or
+   unreadable output is recomputed). Output files are only ever written whole: atomically (temp
+   file + rename locally; an S3 PUT is atomic), and only once every row of their shard has come
+   back, so an interrupted run resumes exactly where it stopped.
 2. A killed inference actor loses no rows and duplicates none: the pool runs with
    ``max_restarts=-1, max_task_retries=-1``, so Ray restarts the actor and re-runs the batches it
    held; a batch's output is only handed downstream once its task has finished. The driver also
@@ -57,18 +60,19 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from galray import __version__
-from galray.config import check, dumps, from_dict, upgrade_keys
+from galray.config import check, from_dict, upgrade_keys
 from galray.data.arrow_safety import open_parquet, read_schema
 from galray.data.cutouts import CutoutError
 from galray.data.preprocess import ImagePlan, PreprocessConfig, plan_for, plan_images, prepare_image
 from galray.data.resume import plan_shard_work
-from galray.data.shards import CONFIG_NAME, ID_COLUMN
+from galray.data.provenance import claim_output
+from galray.data.shards import ID_COLUMN
 from galray.data.stores import (EMBED_STORE_VERSION, EMBEDDING_COLUMN, embedding_table, footer_rows, shard_stem,
                                 write_shard)
 from galray.models.backbone_config import BackboneConfig
 from galray.stages.pool import ActorPoolConfig, pool_size
-from galray.stages.summary import StageSummary, SteadyRate
-from galray.storage import StorageConfig, join, write_text
+from galray.stages.summary import DEFAULT_MAX_ERROR_FRACTION, StageSummary, SteadyRate
+from galray.storage import StorageConfig, join
 from galray.tracking import StageRun, TrackingConfig
 
 if TYPE_CHECKING:
@@ -95,6 +99,9 @@ class EmbedJob:
         "input_size": "backbone.input_size", "normalization": "backbone.normalization",
         "actors": "pool.actors", "num_gpus": "pool.num_gpus", "cpus_per_actor": "pool.cpus_per_actor",
         "crop_fraction": "preprocess.crop_fraction", "stretch": "preprocess.stretch"}
+    # Settings that change how fast, not what: a rerun may change them (galray.data.provenance).
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("pool", "batch_size", "torch_threads", "compile", "inflight_batches",
+                                           "preprocess_cpus", "preprocess_actors")
 
     input: str = ""
     """Cutout store URI: a local folder, file:// or s3://bucket/prefix."""
@@ -122,8 +129,11 @@ class EmbedJob:
     preprocess_actors: int = 0
     """Most preprocessing actors (the pool starts at one and grows while the replicas wait for pixels);
     0: as many as the CPUs left over by the replicas allow, and no more than the shards to read."""
+    max_error_fraction: float = DEFAULT_MAX_ERROR_FRACTION
+    """Exit non-zero (after writing everything) when more than this fraction of the rows errored."""
     overwrite: bool = False
-    """Recompute shards whose output exists (default: skip them, so reruns resume)."""
+    """Replace the output entirely (default: resume it, skipping finished shards, if it was made with the same
+    settings, model and weights; with others, refuse naming the field)."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Object-storage settings for input and output (default: the standard AWS variables)."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -139,6 +149,7 @@ class EmbedJob:
         check(self.preprocess_cpus > 0, "preprocess_cpus", "must be positive")
         check(self.preprocess_actors >= 0, "preprocess_actors", "must be >= 0 (0 = use the CPUs the replicas leave)")
         check(self.inflight_batches >= 2, "inflight_batches", "must be at least 2 (one running, one waiting)")
+        check(0 <= self.max_error_fraction <= 1, "max_error_fraction", "must be in [0, 1]")
 
 
 # --- preprocessing (CPU actors) -------------------------------------------------------------------
@@ -393,9 +404,9 @@ def embed_store(job: EmbedJob, embedder_cls: type[Embedder] = Embedder,
     plan = plan_for(read_schema(fs_in, shards[0].path, join(job.input, shards[0].base_name)), prep.input_size, prep.in_chans,
                     job.preprocess)
     meta = provenance(job, backbone, dim, plan)
+    # Another model, weights or settings into this output: refused, naming the field (overwrite: replaced).
+    claim_output(job, STAGE, made_with={"weights": backbone.weights_id})
     del backbone
-
-    write_text(join(job.output, CONFIG_NAME), dumps(job), job.storage)
     run = StageRun(job.tracking, STAGE, job, job.output)
     collector = ShardCollector(rows, sources, fs_out, out_root, meta)
     rate = SteadyRate(t0, total=sum(rows.values()))
@@ -415,7 +426,7 @@ def embed_store(job: EmbedJob, embedder_cls: type[Embedder] = Embedder,
     summary = StageSummary(stage=STAGE, rows_in=sum(rows.values()), rows_out=written, rows_errored=errored,
                            seconds=time.perf_counter() - t0, output=job.output, skipped_shards=len(shards) - len(todo),
                            startup_s=rate.startup_s, steady_rows_per_s=rate.rows_per_s,
-                           steady_window_s=rate.window_s)
+                           steady_window_s=rate.window_s, max_error_fraction=job.max_error_fraction)
     run.finish(summary, {"actors": actors, "duplicates_dropped": collector.duplicates, "embedding_dim": dim})
     summary.check()
     return summary

@@ -15,8 +15,10 @@ pool is the compact equivalent, sharing embed's preprocessing and the shard writ
 ``object_id``, ``codes`` (the h*w code grid in raster order) and ``label`` (the input's
 ``label_column`` where it has one, else -1); grid, codebook size, checkpoint and weights hash in
 the metadata. Rows that cannot be encoded go to ``_errors/<shard>.parquet``; valid plus errored
-rows equal the input rows. Shards whose output exists are skipped, so a rerun resumes
-(``overwrite`` recomputes them).
+rows equal the input rows. A rerun into an output made with other settings or another
+checkpoint is refused, naming the field (:mod:`galray.data.provenance`; ``overwrite`` replaces it
+entirely); with the same ones, finished shards (output plus error rows equal input rows) are
+skipped, so a rerun resumes.
 """
 
 from __future__ import annotations
@@ -29,17 +31,20 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from galray import __version__
-from galray.config import ConfigError, check, dumps
+from galray.config import ConfigError, check
 from galray.data.arrow_safety import open_parquet, read_schema
 from galray.data.checkpoints import read_checkpoint, weights_hash
 from galray.data.cutouts import CutoutError
+from galray.data.ids import check_ids
+from galray.data.limits import DecodeLimits
 from galray.data.preprocess import ImagePlan, PreprocessConfig, plan_for, plan_images, prepare_image
 from galray.data.resume import plan_shard_work
-from galray.data.shards import CONFIG_NAME, ID_COLUMN
+from galray.data.provenance import claim_output
+from galray.data.shards import ID_COLUMN
 from galray.data.stores import CODES_STORE_VERSION, codes_table, footer_rows, shard_stem, write_shard
 from galray.stages.pool import ActorPoolConfig, pool_size
-from galray.stages.summary import StageSummary
-from galray.storage import StorageConfig, arrow_filesystem, join, write_text
+from galray.stages.summary import DEFAULT_MAX_ERROR_FRACTION, StageSummary
+from galray.storage import StorageConfig, arrow_filesystem, join
 
 if TYPE_CHECKING:
     from galray.models.checkpoint import CheckpointBytes
@@ -56,6 +61,8 @@ class EncodeJob:
     RENAMED: ClassVar[dict[str, str]] = {
         "actors": "pool.actors", "num_gpus": "pool.num_gpus", "cpus_per_actor": "pool.cpus_per_actor",
         "crop_fraction": "preprocess.crop_fraction", "stretch": "preprocess.stretch"}
+    # Settings that change how fast, not what: a rerun may change them (galray.data.provenance).
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("pool", "batch_size")
 
     input: str = ""
     """Cutout store URI: local folder, file:// or s3://bucket/prefix."""
@@ -71,8 +78,11 @@ class EncodeJob:
     """Input column copied to ``label`` (integers; -1 where the input has none)."""
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     """Crop fraction and flux stretch, as in `galray embed` and training."""
+    max_error_fraction: float = DEFAULT_MAX_ERROR_FRACTION
+    """Exit non-zero (after writing everything) when more than this fraction of the rows errored."""
     overwrite: bool = False
-    """Recompute shards whose output exists (default: skip them, so reruns resume)."""
+    """Replace the output entirely (default: resume it, skipping finished shards, if it was made with the same
+    settings, model and weights; with others, refuse naming the field)."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Object-storage settings for input, checkpoint and output."""
 
@@ -82,6 +92,7 @@ class EncodeJob:
         check(bool(self.output), "output", "an output store URI is required")
         check(self.input.rstrip("/") != self.output.rstrip("/"), "output", "must differ from the input store")
         check(self.batch_size >= 1, "batch_size", "must be at least 1")
+        check(0 <= self.max_error_fraction <= 1, "max_error_fraction", "must be in [0, 1]")
 
 
 def load_vqvae(checkpoint: "CheckpointBytes") -> "VQVAE":
@@ -129,14 +140,16 @@ class ShardEncoder:
             has_label = job.label_column in pf.schema_arrow.names
             cols = [ID_COLUMN, plan.column] + ([job.label_column] if has_label else [])
             table = pf.read(columns=cols)
-        ids = [str(i) for i in table.column(ID_COLUMN).to_pylist()]
+        # Missing, duplicate, invalid or overlong ids are errors rows as they are read, not a late failure.
+        ids, errors = check_ids(table.column(ID_COLUMN), DecodeLimits())
         n = len(ids)
         images = plan_images(table, plan)
         labels = np.full(n, -1, np.int64)
-        errors: dict[int, str] = {}
         if has_label:
             raw = table.column(job.label_column).to_pylist()
             for i, v in enumerate(raw):
+                if i in errors:
+                    continue
                 try:
                     labels[i] = -1 if v is None else int(v)
                 except (TypeError, ValueError):
@@ -186,7 +199,8 @@ def encode_store(job: EncodeJob) -> StageSummary:
                   "label_column": job.label_column, "preprocessing": plan.to_json(), "input": job.input}
 
     rows_in = sum(footer_rows(fs_in, [s.path for s in todo]))
-    write_text(join(job.output, CONFIG_NAME), dumps(job), job.storage)
+    # Another checkpoint or settings into this output: refused, naming the field (overwrite: replaced).
+    claim_output(job, STAGE, made_with={"weights": provenance["weights"]})
     written = errored = 0
     if todo:
         ensure_ray()
@@ -204,6 +218,7 @@ def encode_store(job: EncodeJob) -> StageSummary:
         for a in actors:
             ray.kill(a)
     summary = StageSummary(stage=STAGE, rows_in=rows_in, rows_out=written, rows_errored=errored,
-                           seconds=time.perf_counter() - t0, output=job.output, skipped_shards=len(shards) - len(todo))
+                           seconds=time.perf_counter() - t0, output=job.output, skipped_shards=len(shards) - len(todo),
+                           max_error_fraction=job.max_error_fraction)
     summary.check()
     return summary

@@ -12,7 +12,10 @@ How a run goes:
 3. One Ray Data task per unit reads, decodes, checks, crops/resizes and writes
    ``shard-NNNNN.parquet`` plus, if any row failed, ``_errors/shard-NNNNN.parquet``
    (``object_id, stage, reason, source_file``). A task holds one unit, so memory stays flat.
-4. A rerun skips units whose shard exists (counting their rows from the Parquet footers), so an
+4. A rerun into a store made from another input or with other settings is refused, naming the
+   field (:mod:`galray.data.provenance`; ``overwrite`` replaces the store entirely). A rerun with
+   the same settings skips the units that are finished (shard rows plus error rows equal the
+   unit's rows, :func:`galray.data.resume.finished`: a short or unreadable shard is redone), so an
    interrupted ingest resumes and a finished one is a no-op. Valid plus errored rows always equal
    the input rows: each task checks it before writing, and :meth:`StageSummary.check` at the end.
 """
@@ -29,19 +32,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
-import yaml
 
-from galray.config import ConfigError, check, dumps, to_dict, upgrade_keys
+from galray.config import ConfigError, check
 from galray.data.arrow_safety import read_table
 from galray.data.formats import (DEFAULT_CATALOG_ID_COLUMN, DEFAULT_GZ_ID_COLUMN, FORMATS, GALAXY10_CLASSES,
                                  CutoutPolicy, FitsConfig, Format, Plan, ReadContext, Unit, convert_unit,
                                  image_spec, plan_units, probe)
 from galray.data.limits import DecodeLimits
-from galray.data.shards import CONFIG_NAME, ERRORS_DIR, ID_COLUMN, IMAGE_COLUMN, list_parquet, shard_name
+from galray.data.provenance import claim_output
+from galray.data.resume import finished
+from galray.data.shards import ERRORS_DIR, ID_COLUMN, IMAGE_COLUMN, list_parquet, shard_name
 from galray.data.stores import footer_rows, write_shard
 from galray.session import MAX_RETRIES, ensure_ray
-from galray.stages.summary import StageSummary
-from galray.storage import StorageConfig, arrow_filesystem, check_access, exists, join, read_text, write_text
+from galray.stages.summary import DEFAULT_MAX_ERROR_FRACTION, StageSummary
+from galray.storage import StorageConfig, arrow_filesystem, check_access
 
 
 @dataclass(frozen=True)
@@ -63,10 +67,13 @@ class IngestJob:
     shard_rows: int = 1000
     """Input rows per unit (one Ray task, one shard): files, HDF5 rows, or Parquet rows (whole row groups)."""
     overwrite: bool = False
-    """Delete the store's shards and errors first and redo everything (default: skip finished shards)."""
+    """Replace the store entirely (default: resume it, skipping finished shards, if it was made with the same
+    settings; with other settings, refuse)."""
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     """What one input file, image or FITS HDU may cost, checked before decoding; over a limit, the row is an
     error naming the limit."""
+    max_error_fraction: float = DEFAULT_MAX_ERROR_FRACTION
+    """Exit non-zero (after writing everything) when more than this fraction of the rows errored."""
     cutout: CutoutPolicy = field(default_factory=CutoutPolicy)
     """Validity checks and the crop/resize policy (cutout.size is --size)."""
     fits: FitsConfig = field(default_factory=FitsConfig)
@@ -80,10 +87,7 @@ class IngestJob:
         check(bool(self.output), "output", "is required")
         check(self.shard_rows >= 1, "shard_rows", "must be at least 1")
         check(self.id_column is None or bool(self.id_column), "id_column", "must not be empty")
-
-
-# Settings that may change between a run and its rerun without changing the store's content.
-_RUN_ONLY_KEYS = ("overwrite", "storage")
+        check(0 <= self.max_error_fraction <= 1, "max_error_fraction", "must be in [0, 1]")
 
 
 def read_catalog(uri: str, id_column: str, storage: StorageConfig) -> pa.Table:
@@ -119,39 +123,27 @@ def read_catalog(uri: str, id_column: str, storage: StorageConfig) -> pa.Table:
     return table.combine_chunks()
 
 
-def _check_rerun(job: IngestJob, fs: pafs.FileSystem, root: str, plan: Plan) -> None:
-    """Refuse to resume into a store written from other settings or another input (its shards would mix)."""
+def _check_units(job: IngestJob, fs: pafs.FileSystem, root: str, plan: Plan) -> None:
+    """Refuse to resume into a store holding shards this input does not plan (the same input before
+    files went away, say): they would mix."""
     existing = {f.base_name for f in list_parquet(fs, root)}
-    if not existing:
-        return
     planned = {shard_name(u.index) for u in plan.units}
     if existing - planned:
         raise ConfigError("output", f"{job.output} holds shard(s) this input does not plan "
                                     f"({sorted(existing - planned)[0]}, ...): use --overwrite or another --output")
-    if exists(join(job.output, CONFIG_NAME), job.storage):
-        # A store written by the previous release names its input "src" and its output "out".
-        old = upgrade_keys(IngestJob, yaml.safe_load(read_text(join(job.output, CONFIG_NAME), job.storage)) or {},
-                           warn=False)
-        new = to_dict(job)
-        for key in _RUN_ONLY_KEYS:
-            old.pop(key, None)
-            new.pop(key, None)
-        new = {k: v for k, v in new.items() if k in old}  # settings added since that store was made are unknown
-        if old != new:
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ConfigError("output", f"{job.output} was written with other settings ({', '.join(changed)} "
-                                        "differ): use --overwrite or another --output")
-
-
-def _clear(fs: pafs.FileSystem, root: str) -> None:
-    for sub in (root, f"{root}/{ERRORS_DIR}"):
-        for f in list_parquet(fs, sub):
-            fs.delete_file(f.path)
 
 
 def run_unit(unit: Unit, job: IngestJob, ctx: ReadContext) -> dict[str, Any]:
-    """Convert one unit and write its shard (errors first, so a crash in between redoes the unit)."""
-    table, errors = convert_unit(unit, ctx)
+    """Convert one unit and write its shard (errors first, so a crash in between redoes the unit). A unit
+    that cannot be read at all (corrupt Parquet pages or HDF5 chunks...) becomes errors rows with the reason."""
+    try:
+        table, errors = convert_unit(unit, ctx)
+    except (OSError, ValueError, pa.ArrowException) as err:  # not RuntimeError: convert_unit's own checks
+        if unit.refused:
+            raise
+        first = str(err).splitlines()[0][:300] if str(err) else ""
+        table, errors = convert_unit(dataclasses.replace(
+            unit, refused=f"cannot read this unit: {type(err).__name__}: {first}"), ctx)
     fs, root = arrow_filesystem(job.output, job.storage)
     write_shard(table, errors, fs, root, shard_name(unit.index))
     return {"unit": unit.index, "rows_in": unit.rows, "rows_out": table.num_rows, "rows_errored": len(errors)}
@@ -159,8 +151,8 @@ def run_unit(unit: Unit, job: IngestJob, ctx: ReadContext) -> dict[str, Any]:
 
 def give_up_unit(unit: Unit, job: IngestJob, ctx: ReadContext) -> dict[str, Any]:
     """Write a unit whose task failed every attempt as errors rows only (run on the driver; reads nothing)."""
-    reason = (f"gave up after {MAX_RETRIES} retries: the task reading this unit failed or its worker died on "
-              "every attempt")
+    reason = (f"gave up after {MAX_RETRIES} retries: the worker reading this unit died on every attempt "
+              "(killed, e.g. for memory)")
     return run_unit(dataclasses.replace(unit, refused=reason), job, ctx)
 
 
@@ -192,13 +184,11 @@ def ingest(job: IngestJob) -> StageSummary:
         if clash:
             raise ConfigError("catalog", f"catalog columns {clash} clash with columns of the {job.format} input")
 
-    if job.overwrite:
-        _clear(fs, root)
-    else:
-        _check_rerun(job, fs, root, plan)
-    write_text(join(job.output, CONFIG_NAME), dumps(job), job.storage)
-
-    done = {f.base_name for f in list_parquet(fs, root)}
+    # Another input or other settings into this store: refused, naming the field (overwrite: replaced).
+    claim_output(job, "ingest")
+    if not job.overwrite:
+        _check_units(job, fs, root, plan)
+    done = finished(fs, root, {shard_name(u.index): u.rows for u in plan.units})
     todo = [u for u in plan.units if shard_name(u.index) not in done]
     metadata: dict[str, Any] = {"producer": "galray ingest", "format": job.format, "source": job.input,
                                 "crop_fraction": job.cutout.crop_fraction}
@@ -229,14 +219,15 @@ def ingest(job: IngestJob) -> StageSummary:
         given_up = [u for u in todo if u.index not in {s["unit"] for s in stats}]
         stats += [give_up_unit(u, job, base_ctx) for u in given_up]
     # Finished units of an earlier run count from their Parquet footers.
-    finished = [u for u in plan.units if shard_name(u.index) in done]
-    names = [shard_name(u.index) for u in finished]
+    earlier = [u for u in plan.units if shard_name(u.index) in done]
+    names = [shard_name(u.index) for u in earlier]
     rows_out = footer_rows(fs, [f"{root}/{n}" for n in names])
     rows_errored = footer_rows(fs, [f"{root}/{ERRORS_DIR}/{n}" for n in names], missing_ok=True)
     stats += [{"unit": u.index, "rows_in": u.rows, "rows_errored": e, "rows_out": o}
-              for u, o, e in zip(finished, rows_out, rows_errored)]
+              for u, o, e in zip(earlier, rows_out, rows_errored)]
     summary = StageSummary(stage="ingest", rows_in=plan.rows, rows_out=sum(s["rows_out"] for s in stats),
                            rows_errored=sum(s["rows_errored"] for s in stats), seconds=time.perf_counter() - t0,
-                           output=job.output, skipped_shards=len(plan.units) - len(todo))
+                           output=job.output, skipped_shards=len(plan.units) - len(todo),
+                           max_error_fraction=job.max_error_fraction)
     summary.check()
     return summary

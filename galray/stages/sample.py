@@ -11,11 +11,12 @@ import time
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from galray.config import check, dumps
-from galray.data.shards import CONFIG_NAME, ImageSpec, make_table, shard_name, write_table
+from galray.config import check
+from galray.data.provenance import claim_output
+from galray.data.shards import ImageSpec, make_table, shard_name, write_table
 from galray.data.xdf import XDFConfig, xdf_sample
 from galray.stages.summary import FieldsSummary
-from galray.storage import StorageConfig, check_access, join, write_text
+from galray.storage import StorageConfig, check_access
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class SampleJob:
     """Rows per Parquet shard."""
     xdf: XDFConfig = field(default_factory=XDFConfig)
     """Detection and cutout settings."""
+    overwrite: bool = False
+    """Replace the store entirely (default: a store made with other settings is refused)."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Object-storage settings (default: the standard AWS variables)."""
 
@@ -57,6 +60,7 @@ def write_sample(job: SampleJob) -> SampleSummary:
     """Detect, cut out and write the sample; returns the summary."""
     t0 = time.perf_counter()
     fs, root = check_access(job.output, job.storage)
+    claim_output(job, "sample")  # other settings into the same store: refused (overwrite: replaced)
     columns = xdf_sample(job.xdf)
     n = len(columns["object_id"])
     spec = ImageSpec(shape=(job.xdf.size, job.xdf.size, 3), layout="HWC", dtype="uint8", bands=("R", "G", "B"))
@@ -66,5 +70,4 @@ def write_sample(job: SampleJob) -> SampleSummary:
         table = make_table(part, spec, extra_metadata={"producer": "galray sample xdf",
                                                         "source": "skimage.data.hubble_deep_field"})
         nbytes += write_table(table, fs, f"{root}/{shard_name(shard)}")
-    write_text(join(job.output, CONFIG_NAME), dumps(job), job.storage)
     return SampleSummary(output=job.output, rows=n, bytes=nbytes, seconds=round(time.perf_counter() - t0, 2))

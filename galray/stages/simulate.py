@@ -16,12 +16,14 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow.parquet as pq
 
-from galray.config import check, dumps
+from galray.config import check
 from galray.data.galsim_survey import CLASS_NAMES, SimConfig, render_batch
-from galray.data.shards import CONFIG_NAME, list_parquet, make_table, shard_name, write_table
+from galray.data.provenance import claim_output
+from galray.data.resume import finished
+from galray.data.shards import list_parquet, make_table, shard_name, write_table
 from galray.session import ensure_ray
 from galray.stages.summary import FieldsSummary
-from galray.storage import StorageConfig, arrow_filesystem, check_access, join, write_text
+from galray.storage import StorageConfig, arrow_filesystem, check_access
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class SimulateJob:
     """`galray simulate`: how many galaxies, where to write them, and how to render them."""
 
     RENAMED: ClassVar[dict[str, str]] = {"out": "output"}  # keys of the previous release, still read
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("preview",)  # a rerun may change it (galray.data.provenance)
 
     output: str = "galray-data/sim"
     """Output store URI: a local folder, file:// or s3://bucket/prefix."""
@@ -39,7 +42,8 @@ class SimulateJob:
     preview: str | None = None
     """Optional PNG path for a montage with one row per class."""
     overwrite: bool = False
-    """Re-render shards that already exist (default: skip them, so reruns resume)."""
+    """Replace the store entirely (default: resume it, skipping finished shards, if it was rendered with the
+    same settings; with others, such as another seed, refuse)."""
     sim: SimConfig = field(default_factory=SimConfig)
     """Rendering settings: size, seed, PSF, noise, families."""
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -99,9 +103,9 @@ def simulate_survey(job: SimulateJob) -> SimulateSummary:
     job = SimulateJob(**{**job.__dict__, "storage": job.storage.resolved()})
     fs, root = check_access(job.output, job.storage)
     plan = plan_shards(job.n, job.shard_rows)
-    done = {f.base_name for f in list_parquet(fs, root)} if not job.overwrite else set()
+    claim_output(job, "simulate")  # another seed, size, ... into the same store: refused (overwrite: replaced)
+    done = finished(fs, root, {shard_name(s): b - a for s, a, b in plan})
     todo = [p for p in plan if shard_name(p[0]) not in done]
-    write_text(join(job.output, CONFIG_NAME), dumps(job), job.storage)
     stats: list[dict[str, Any]] = []
     if todo:
         ensure_ray()  # before the clock starts: the rate is the renderer's, not Ray's start-up

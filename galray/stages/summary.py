@@ -13,6 +13,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Protocol
 
+# Default of every row-reading stage's `max_error_fraction`. Real surveys have scattered bad cutouts
+# (blank, truncated, off the footprint: typically well under a few percent); a tenth of the rows
+# failing points at the job instead (wrong format, bands, id column or limits), which a person should
+# look at before the output is used. 0 makes any errored row an error of the job; 1 never fails.
+DEFAULT_MAX_ERROR_FRACTION = 0.1
+
 
 class Summary(Protocol):
     """What a verb's function returns."""
@@ -44,10 +50,27 @@ class StageSummary:
     """Rows/s once the job has ramped up (see :class:`SteadyRate`): the rate a long run settles at."""
     steady_window_s: tuple[float, float] | None = None
     """(from, to) seconds after the start over which ``steady_rows_per_s`` was measured."""
+    max_error_fraction: float = 1.0
+    """The job's limit on ``error_fraction``; above it the CLI exits non-zero (:attr:`too_many_errors`)."""
 
     @property
     def rows_per_s(self) -> float:
         return self.rows_in / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def error_fraction(self) -> float:
+        """Errored rows over the rows this run read (0 when it read none)."""
+        return self.rows_errored / self.rows_in if self.rows_in else 0.0
+
+    @property
+    def too_many_errors(self) -> bool:
+        return self.error_fraction > self.max_error_fraction
+
+    def error_line(self) -> str:
+        """The one line the CLI prints before exiting non-zero."""
+        return (f"{self.rows_errored:,} of {self.rows_in:,} rows errored ({self.error_fraction:.1%}), more than "
+                f"max_error_fraction {self.max_error_fraction:g}: everything else was written; see the reasons in "
+                f"{self.output.rstrip('/')}/_errors/ (raise --max-error-fraction to accept them)")
 
     def check(self) -> None:
         """Raise if valid plus errored rows do not add up to the input rows."""
@@ -64,7 +87,7 @@ class StageSummary:
                 + (f" -> {self.output}" if self.output else ""))
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "rows_per_s": round(self.rows_per_s, 2)}
+        return {**asdict(self), "rows_per_s": round(self.rows_per_s, 2), "error_fraction": round(self.error_fraction, 6)}
 
 
 class SteadyRate:
