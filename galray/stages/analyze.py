@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 from galray import __version__
 from galray.config import ConfigError, check, to_dict
 from galray.models.backbone_config import VQVAE_PREFIX
+from galray.data.arrow_safety import read_schema, read_table
 from galray.data.checkpoints import read_checkpoint
 from galray.data.shards import ID_COLUMN
 from galray.data.split import is_val
@@ -225,8 +226,7 @@ def _embeddings_for(uri: str, ids: np.ndarray, files: np.ndarray, storage: Stora
     out: np.ndarray | None = None
     for name in pd.unique(files):
         sel = np.flatnonzero(files == name)
-        table = pq.read_table(f"{root}/{str(name).rsplit('/', 1)[-1]}", filesystem=fs,
-                              columns=[ID_COLUMN, EMBEDDING_COLUMN])
+        table = read_table(fs, f"{root}/{str(name).rsplit('/', 1)[-1]}", columns=[ID_COLUMN, EMBEDDING_COLUMN])
         emb = list_column_values(table.column(EMBEDDING_COLUMN)).astype(np.float32, copy=False)
         pos = pd.Index(table.column(ID_COLUMN).to_pylist()).get_indexer(list(ids[sel]))
         if (pos < 0).any():
@@ -378,7 +378,7 @@ def _pictures(job: AnalyzeJob, meta: dict[str, Any], objects: set[tuple[str, str
     pictures: dict[str, np.ndarray] = {}
     for name, ids in sorted(by_file.items()):
         path = f"{root}/{name}"
-        schema = pq.read_schema(path, filesystem=fs)
+        schema = read_schema(fs, path)  # the allow-list of arrow_safety before any value is read
         plan = plan_for(schema, job.thumb_px, 3)
         table = pq.read_table(path, filesystem=fs, columns=[ID_COLUMN, plan.column],
                               filters=[(ID_COLUMN, "in", sorted(set(ids)))])
@@ -452,7 +452,7 @@ def codebook_step(job: AnalyzeJob, vqvae_uri: str, class_names: dict[int, str], 
 
     parts, n = [], 0
     for f in list_parquet(fs, root):
-        t = pq.read_table(f.path, filesystem=fs, columns=[CODES_COLUMN, LABEL_COLUMN])
+        t = read_table(fs, f.path, columns=[CODES_COLUMN, LABEL_COLUMN])
         parts.append(t)
         n += t.num_rows
         if n >= job.max_rows:

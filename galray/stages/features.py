@@ -33,23 +33,24 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from galray import __version__
-from galray.config import ConfigError, check, dumps
+from galray.config import ConfigError, check
+from galray.data.arrow_safety import open_parquet, read_schema, read_table
 from galray.data.checkpoints import read_checkpoint, weights_hash
+from galray.data.provenance import claim_output
 from galray.data.resume import plan_shard_work
-from galray.data.shards import CONFIG_NAME, ID_COLUMN, IMAGE_COLUMN, read_metadata
+from galray.data.shards import ID_COLUMN, IMAGE_COLUMN, read_metadata
 from galray.data.stores import (EMBEDDING_COLUMN, FEATURES_STORE_VERSION, feature_table, footer_rows,
                                 is_catalog_type, list_column_values, sparse_codes, top_activating, write_shard)
 from galray.stages.pool import ActorPoolConfig, pool_size
 from galray.stages.summary import FieldsSummary, StageSummary
-from galray.storage import StorageConfig, arrow_filesystem, join, write_text
+from galray.storage import StorageConfig, arrow_filesystem, join
 from galray.tracking import StageRun, TrackingConfig
 
 if TYPE_CHECKING:
@@ -65,6 +66,9 @@ FILE_COLUMN = "path"  # the embedding file a Ray Data row stands for
 @dataclass(frozen=True)
 class FeaturesJob:
     """`galray features`: which embeddings, which SAE, where the feature store goes; or a top-J query."""
+
+    # Settings that change how fast, not what: a rerun may change them (galray.data.provenance).
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("pool", "batch_size", "torch_threads", "top", "n")
 
     input: str = ""
     """Embedding store URI (`galray embed`); with ``top``, the feature store to query."""
@@ -88,7 +92,8 @@ class FeaturesJob:
     torch_threads: int | None = None
     """torch intra-op threads per actor on CPU; default: Ray's (the actor's CPUs)."""
     overwrite: bool = False
-    """Recompute files whose output exists (default: skip them, so reruns resume)."""
+    """Replace the output entirely (default: resume it, skipping finished files, if it was made with the same
+    settings and SAE weights; with others, refuse naming the field)."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Object-storage settings for every URI."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -159,7 +164,7 @@ def load_sae(checkpoint: "CheckpointBytes") -> "SparseAutoencoder":
 def catalog_for(ids: list[str], fs: "pafs.FileSystem", path: str, columns: list[str]) -> pa.Table:
     """The catalog ``columns`` of the cutout shard ``path`` for ``ids``, in their order (nulls where an id
     is missing). Only the id and those columns are read; the image never is."""
-    table = pq.read_table(path, filesystem=fs, columns=[ID_COLUMN, *columns])
+    table = read_table(fs, path, columns=[ID_COLUMN, *columns])  # through the allow-list (arrow_safety)
     pos = pc.index_in(pa.array(ids, pa.string()), value_set=table.column(ID_COLUMN).cast(pa.string()))
     return table.select(columns).take(pos)
 
@@ -197,8 +202,7 @@ class ShardFeaturizer:
         offsets, indices, values = [np.zeros(1, np.int64)], [], []
         nnz = 0
         errors = []
-        with self.fs_in.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
+        with open_parquet(self.fs_in, path) as pf:  # the allow-list again: the file may have changed
             for batch in pf.iter_batches(batch_size=job.batch_size, columns=[ID_COLUMN, EMBEDDING_COLUMN]):
                 emb = list_column_values(batch.column(EMBEDDING_COLUMN)).astype(np.float32, copy=False)
                 batch_ids = [str(i) for i in batch.column(ID_COLUMN).to_pylist()]
@@ -248,7 +252,7 @@ def _catalog_columns(job: FeaturesJob, embed_meta: dict[str, Any]) -> tuple[Feat
     from galray.data.resume import input_shards
 
     fs, _, shards = input_shards(catalog, job.storage)
-    schema = pq.read_schema(shards[0].path, filesystem=fs)
+    schema = read_schema(fs, shards[0].path)
     image = read_metadata(schema).get("image", {}).get("column", IMAGE_COLUMN)
     usable = [f.name for f in schema if f.name not in (ID_COLUMN, image) and is_catalog_type(f.type)]
     if job.catalog_columns is None:
@@ -268,7 +272,7 @@ def apply_sae(job: FeaturesJob) -> FeaturesSummary:
     t0 = time.perf_counter()
     job = dataclasses.replace(job, storage=job.storage.resolved())  # actors don't see the driver's env
     work = plan_shard_work(job.input, job.output, job.storage, job.overwrite)
-    first = pq.read_schema(work.shards[0].path, filesystem=work.fs_in)
+    first = read_schema(work.fs_in, work.shards[0].path)
     if EMBEDDING_COLUMN not in first.names or not pa.types.is_fixed_size_list(first.field(EMBEDDING_COLUMN).type):
         raise ConfigError("input", f"{job.input} is not an embedding store (no fixed-size list column "
                                    f"{EMBEDDING_COLUMN!r}; make one with `galray embed`)")
@@ -288,7 +292,8 @@ def apply_sae(job: FeaturesJob) -> FeaturesSummary:
     del sae
     todo = work.todo
     rows_in = sum(footer_rows(work.fs_in, [s.path for s in todo]))
-    write_text(join(job.output, CONFIG_NAME), dumps(job), job.storage)
+    # Another SAE or settings into this output: refused, naming the field (overwrite: replaced entirely).
+    claim_output(job, STAGE, made_with={"weights": provenance["weights"]})
     run = StageRun(job.tracking, STAGE, job, job.output)
     written = errored = active = 0
     try:
