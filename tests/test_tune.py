@@ -206,9 +206,9 @@ def test_asha_campaign_releases_resources_and_records_every_trial(campaign_dir):
     summary = json.loads(out.stdout)
     # No leaked resources: the campaign's own Ray has all its CPUs free again, no placement group left.
     assert summary["cpu_total"] >= 1 and summary["cpu_available"] == summary["cpu_total"], summary
-    assert summary["leaked_placement_groups"] == 0
-    assert summary["trials"] == 4 and summary["errored"] == 0
-    assert summary["finished"] + summary["stopped"] == 4
+    assert summary["leaked_placement_groups"] == 0, summary
+    assert summary["trials"] == 4 and summary["errored"] == 0, summary
+    assert summary["finished"] + summary["stopped"] == 4, summary
     # The MLflow parent run has 4 children, one per trial, each with its values and metrics by step.
     client, children = _children(tmp, summary["mlflow_run_id"])
     assert len(children) == 4
@@ -222,7 +222,7 @@ def test_asha_campaign_releases_resources_and_records_every_trial(campaign_dir):
     fvu = [row["val_fvu"] for row in summary["rows"]]
     assert fvu == sorted(fvu) and summary["best_value"] == fvu[0]
     csv_rows = (Path(summary["results_csv"]).read_text().splitlines())
-    assert len(csv_rows) == 5 and csv_rows[1].startswith(summary["best_trial"])
+    assert len(csv_rows) == 5 and csv_rows[1].startswith(summary["best_trial"]), csv_rows
     best = load(TrainJob, summary["best_config"])
     assert best.sae.model["k"] == summary["best_values"]["sae.model.k"] and best.kind == "sae"
     parent = client.get_run(summary["mlflow_run_id"])
@@ -231,7 +231,7 @@ def test_asha_campaign_releases_resources_and_records_every_trial(campaign_dir):
     assert client.search_model_versions("name='galray-sae'")
     assert (Path(summary["campaign"]) / "tune_campaign.png").stat().st_size > 10_000
     # Progress lines went to stderr as the trials ended.
-    assert out.stderr.count(" started: ") == 4 and "best val_fvu" in out.stderr
+    assert out.stderr.count(" started: ") == 4 and "best val_fvu" in out.stderr, out.stderr[-4000:]
 
 
 @pytest.mark.slow

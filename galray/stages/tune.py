@@ -28,7 +28,8 @@ reconstruction MSE (min), with codebook utilisation and perplexity; prior: held-
 Every trial evaluates on the same held-out rows (``tune.eval_rows``), every ``report_every`` steps.
 
 **Campaign folder** ``<storage_path>/<name>`` (local or s3://): Tune's experiment state and one
-folder per trial (its checkpoints), ``campaign.yaml`` (the job), ``done/`` (one record per
+folder per trial (its results), ``checkpoints/<trial_id>/`` (each single-worker trial's latest
+checkpoint, galray.train.tune_trial), ``campaign.yaml`` (the job), ``done/`` (one record per
 finished trial), ``train/`` (multi-worker trials' Ray Train runs), and the results above.
 """
 
@@ -64,7 +65,8 @@ if TYPE_CHECKING:
 
 CAMPAIGN_FILE = "campaign.yaml"
 TRAIN_DIR = "train"
-RESOURCE_WAIT_S = 30.0
+RESOURCE_WAIT_S = 120.0
+"""How long the campaign waits for Tune to release its trials' resources (asynchronous) before it counts what is left."""
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,7 @@ class TuneSummary(FieldsSummary):
     cpu_total: float
     """Ray's available and total CPUs after the campaign (equal when nothing was left reserved)."""
     leaked_placement_groups: int
-    """Placement groups created during the campaign and still not removed 30 s after it."""
+    """Placement groups created during the campaign and still not removed RESOURCE_WAIT_S after it."""
     rows: list[dict[str, Any]] = field(default_factory=list)
     """The results table, best first."""
 
@@ -428,7 +430,7 @@ def _tuner(p: CampaignPlan, trainable: Any, callbacks: list[Any], concurrency: i
                                         trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=ray.tune.RunConfig(
             name=path.rsplit("/", 1)[-1], storage_path=path.rsplit("/", 1)[0], storage_filesystem=storage_fs,
-            callbacks=callbacks, verbose=0, checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks, verbose=0,
             failure_config=ray.tune.FailureConfig(max_failures=max(p.job.max_failures, 0))))
 
 
@@ -440,7 +442,8 @@ def _trainable(p: CampaignPlan) -> Any:
     from galray.train.tune_trial import TrialSetup, multi_worker_trial, single_worker_trial
 
     setup = TrialSetup(base=to_dict(p.base), space=p.space.to_dict(), report_every=p.report_every,
-                       eval_rows=p.job.tune.eval_rows, train_storage_path=join(p.campaign, TRAIN_DIR))
+                       eval_rows=p.job.tune.eval_rows, train_storage_path=join(p.campaign, TRAIN_DIR),
+                       campaign=p.campaign)
     if p.base.scaling.num_workers > 1:
         fn = ray.tune.with_parameters(multi_worker_trial, setup=setup)
     else:
@@ -587,9 +590,6 @@ def tune(job: TuneJob) -> TuneSummary:
     # Tune saves its state at most every TUNE_GLOBAL_CHECKPOINT_S (default: adaptive, >= 10 s); a shorter
     # interval means less work redone after an interruption (finished trials are covered by done records).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    # Keeping one checkpoint per trial makes Tune save its state before it deletes the previous one (so a
-    # restore never points at a deleted checkpoint), and warn about it every time: that is the intent here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's older console output is silent at verbose=0
     campaign_key = f"tune:{p.campaign}"
     parent = open_run(p.tracking, campaign_key, p.tracking.run_name or job.name,

@@ -23,6 +23,14 @@ stopping for them (galray.stages.tune), for the reason above.
 just after a trial finished can leave that trial "running" in the saved state. The driver writes
 a record of each finished trial (:mod:`galray.train.tune_records`); a trial started again finds
 its record and reports the recorded result instead of training again.
+
+**Checkpoints are the trial's own**, under ``<campaign>/checkpoints/<trial_id>/`` with a
+``latest.json`` pointer written after the checkpoint and before the previous one is deleted; they
+are not handed to Tune. With Tune's checkpoints and ``num_to_keep=1``, a driver killed just after
+a report restored the trial from its stale state's checkpoint, which Tune had already deleted
+("Could not recover from checkpoint as it does not exist on storage anymore": the trial errored
+instead of resuming; seen in tests/test_tune.py's interruption test). A trial started again reads
+its own pointer, which always names a complete checkpoint.
 """
 
 from __future__ import annotations
@@ -35,12 +43,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray.tune
 import torch
 from torch import Tensor
 
 from galray.config import from_dict, to_dict
-from galray.train.checkpoint import save_checkpoint
+from galray.storage import StorageConfig, arrow_filesystem, join
+from galray.train.checkpoint import checkpoint_dir_name, save_checkpoint
 from galray.train.config import TrainJob
 from galray.train.datasets import MODEL_CONFIGS, ModelConfig
 from galray.train.loop import limit_rows
@@ -49,6 +59,10 @@ from galray.train.workers import Worker
 
 DONE_DIR = "done"
 """Folder of the campaign holding one ``<trial_id>.json`` record per finished trial."""
+CHECKPOINTS_DIR = "checkpoints"
+"""Folder of the campaign holding each single-worker trial's checkpoints (``<trial_id>/``)."""
+LATEST = "latest.json"
+"""A trial's checkpoint pointer: {"step", "checkpoint"} (the folder name)."""
 REPLAYED = "galray_replayed"
 """Result key marking a result replayed from a done record (not logged again)."""
 
@@ -71,6 +85,8 @@ class TrialSetup:
     """Parameters every trial starts from (the SAE's normalisation and b_pre)."""
     train_storage_path: str = ""
     """Multi-worker trials: where their Ray Train runs keep checkpoints (<campaign>/train)."""
+    campaign: str = ""
+    """The campaign folder (single-worker trials keep their checkpoints under it)."""
 
     def job(self, config: Mapping[str, Any]) -> TrainJob:
         """The trial's training job: the base with the trial's values."""
@@ -99,12 +115,44 @@ def _replay_done() -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class TrialCheckpoints:
+    """One trial's checkpoint folder (module docstring): ``<campaign>/checkpoints/<trial_id>``."""
+
+    root: str
+    storage: StorageConfig
+
+    def latest(self) -> "ray.tune.Checkpoint | None":
+        """The newest complete checkpoint, or None before the first."""
+        fs, root = arrow_filesystem(self.root, self.storage)
+        if fs.get_file_info(f"{root}/{LATEST}").type.name == "NotFound":
+            return None
+        with fs.open_input_stream(f"{root}/{LATEST}") as f:
+            name = json.loads(f.read().decode())["checkpoint"]
+        return ray.tune.Checkpoint(f"{root}/{name}", filesystem=fs)
+
+    def save(self, local: Path, step: int) -> str:
+        """Copy the checkpoint in ``local`` in, point at it, then delete the older ones; returns its URI."""
+        fs, root = arrow_filesystem(self.root, self.storage)
+        name = checkpoint_dir_name(step)
+        fs.create_dir(f"{root}/{name}", recursive=True)
+        pafs.copy_files(str(local), f"{root}/{name}", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        with fs.open_output_stream(f"{root}/.{LATEST}.tmp") as f:
+            f.write(json.dumps({"step": step, "checkpoint": name}).encode())
+        fs.move(f"{root}/.{LATEST}.tmp", f"{root}/{LATEST}")
+        for info in fs.get_file_info(pafs.FileSelector(root)):
+            if info.type == pafs.FileType.Directory and info.base_name != name:
+                fs.delete_dir(info.path)
+        return join(self.root, name)
+
+
 @dataclass
 class TrialWorker(Worker):
     """The Ray Train worker's steps in one process; each report evaluates and checkpoints."""
 
     val: list[dict[str, Tensor]] = dataclasses.field(default_factory=list)
     """The held-out batches every report evaluates on."""
+    checkpoints: TrialCheckpoints | None = None
 
     def _report(self, last: dict[str, float], step: int) -> None:
         evaluation = self.job.loop.evaluate(self.model, self.val)
@@ -112,7 +160,8 @@ class TrialWorker(Worker):
                    "resumed_from_step": self.start}
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(self.model, self.optimizer, Path(tmp), step, self.job.kind, None)
-            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+            uri = self.checkpoints.save(Path(tmp), step)
+        ray.tune.report({**metrics, "checkpoint_uri": uri})
 
 
 def single_worker_trial(config: dict[str, Any], setup: TrialSetup, train: Any, val: Any) -> None:
@@ -126,8 +175,10 @@ def single_worker_trial(config: dict[str, Any], setup: TrialSetup, train: Any, v
     device = trial_device(job.scaling.use_gpu)
     model_config = to_dict(MODEL_CONFIGS[job.kind](job, setup.model_config))
     held_out = list(limit_rows(val.iter_torch_batches(batch_size=job.batch_size, device=device), setup.eval_rows))
-    worker = TrialWorker.create(job, model_config, setup.init_state, ray.tune.get_checkpoint(), train, device,
-                                lambda m: m.to(device), val=held_out)
+    checkpoints = TrialCheckpoints(join(setup.campaign, CHECKPOINTS_DIR, ray.tune.get_context().get_trial_id()),
+                                   job.storage)
+    worker = TrialWorker.create(job, model_config, setup.init_state, checkpoints.latest(), train, device,
+                                lambda m: m.to(device), val=held_out, checkpoints=checkpoints)
     worker.run()
 
 
