@@ -121,6 +121,23 @@ def test_objective_and_trials_per_kind(tmp_path):
     assert err.value.field == "tune.trials"
 
 
+def test_concurrent_trials_follow_the_resources():
+    """One GPU per trial on a GPU cluster; on CPUs as many trials as CPUs; a CPU kept for Ray Data when streaming."""
+    from galray.stages.tune import TuneJob, max_concurrent, trial_resources
+
+    def job(**changes):
+        return from_dict(TuneJob, {**BASE, **changes, "tune": {"space": {"sae.model.k": {"grid": [2, 4]}}}})
+
+    gpu = job(scaling={"num_workers": 1, "use_gpu": True})
+    assert trial_resources(gpu) == {"CPU": 1.0, "GPU": 1.0}
+    assert max_concurrent(gpu, {"CPU": 64.0, "GPU": 4.0}) == 4
+    assert max_concurrent(job(), {"CPU": 2.0}) == 2
+    assert max_concurrent(job(materialize=False), {"CPU": 8.0}) == 7
+    multi = from_dict(TuneJob, {**BASE, "scaling": {"num_workers": 2},
+                                "tune": {"space": {"sae.model.k": {"grid": [2, 4]}}, "scheduler": "none"}})
+    assert trial_resources(multi) == {"CPU": 0.01} and max_concurrent(multi, {"CPU": 9.0}) == 4
+
+
 def test_bad_space_fails_before_ray_starts(tmp_path):
     """From the command line: the key is named and Ray never started in the process."""
     (tmp_path / "space.yaml").write_text("sae.model.k: {uniform: [2, 8]}\n")
