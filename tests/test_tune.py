@@ -243,8 +243,9 @@ def test_asha_campaign_releases_resources_and_records_every_trial(campaign_dir):
     best = load(TrainJob, summary["best_config"])
     assert best.sae.model["k"] == summary["best_values"]["sae.model.k"] and best.kind == "sae"
     parent = client.get_run(summary["mlflow_run_id"])
-    assert {"tune_campaign.png", "results.csv", "best_config.yaml"} <= {
-        a.path for a in client.list_artifacts(parent.info.run_id)}
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    logged |= {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
+    assert {"figures/tune_campaign.png", "results.csv", "best_config.yaml"} <= logged, logged
     assert client.search_model_versions("name='galray-sae'")
     assert (Path(summary["campaign"]) / "tune_campaign.png").stat().st_size > 10_000
     # Progress lines went to stderr as the trials ended.
