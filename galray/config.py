@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 import warnings
@@ -24,10 +25,12 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A config value is unknown, missing or invalid. The message starts with the dotted field name."""
+    """A config value is unknown, missing or invalid. The message starts with the dotted field name; the
+    password of any ``user:password@`` URI in it is redacted."""
 
     def __init__(self, field: str, message: str):
         self.field = field
+        message = redact_uri(message)
         super().__init__(f"{field}: {message}" if field else message)
 
 
@@ -79,6 +82,17 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
+
+
+def _convert_field(value: Any, tp: Any, path: str) -> Any:
+    """:func:`_convert`, except that the error for a secret field does not show the value (a secret that YAML
+    read as a number would otherwise be printed)."""
+    try:
+        return _convert(value, tp, path)
+    except ConfigError as err:
+        if path.rsplit(".", 1)[-1] not in SECRET_KEYS:
+            raise
+        raise ConfigError(err.field, "expected a string (the value given is a secret: not shown)") from None
 
 
 def _convert_union(value: Any, tp: Any, path: str) -> Any:
@@ -214,7 +228,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
             _join(path, unknown[0]),
             f"unknown key (valid keys of {cls.__name__}: {', '.join(sorted(fields))})",
         )
-    kwargs = {name: _convert(value, hints[name], _join(path, name)) for name, value in data.items()}
+    kwargs = {name: _convert_field(value, hints[name], _join(path, name)) for name, value in data.items()}
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(_join(path, name), "is required")
@@ -306,6 +320,9 @@ def load(cls: type[T], path: str | Path | None = None, overrides: typing.Iterabl
          base: dict[str, Any] | None = None) -> T:
     """Load ``cls`` from an optional YAML file, then ``base`` keys, then ``--set`` overrides."""
     data: dict[str, Any] = read_mapping(path) if path else {}
+    _refuse_secrets(data, "in a config file")
+    overrides = list(overrides)
+    _refuse_secrets(apply_overrides({}, overrides), "with --set")
     if base:
         data = _merge(data, base)
     return from_dict(cls, apply_overrides(data, overrides))
@@ -323,17 +340,45 @@ def replace(cfg: T, overrides: typing.Iterable[str]) -> T:
     return from_dict(type(cfg), apply_overrides(to_dict(cfg), overrides))
 
 
-# Fields whose values never leave the process in a dump (config files next to outputs, MLflow params).
-SECRET_KEYS = frozenset({"access_key_id", "secret_access_key", "session_token", "password"})
+# Fields whose values never leave the process in a dump (config files next to outputs, MLflow params), and
+# the variable each one is read from instead: a secret is never given with --set (shell history, `ps`, a
+# Ray job's entrypoint) or in a config file (copied next to outputs and into jobs).
+SECRET_KEYS: Mapping[str, str] = types.MappingProxyType({
+    "access_key_id": "AWS_ACCESS_KEY_ID", "secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "session_token": "AWS_SESSION_TOKEN", "password": "MLFLOW_TRACKING_PASSWORD"})
+
+# `scheme://user:password@host`: the password part of a URI's userinfo (RFC 3986 section 3.2.1).
+_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):(?P<secret>[^/\s@]*)@")
+
+
+def redact_uri(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` in it replaced by ``***``."""
+    return _URI_PASSWORD.sub(r"\g<head>:***@", text)
 
 
 def redacted(data: Any) -> Any:
-    """Copy of a plain config mapping with secret values replaced by ``"***"``."""
+    """Copy of a plain config mapping with secret values replaced by ``"***"`` and URI passwords redacted."""
     if isinstance(data, dict):
         return {k: ("***" if k in SECRET_KEYS and v else redacted(v)) for k, v in data.items()}
     if isinstance(data, list):
         return [redacted(v) for v in data]
+    if isinstance(data, str):
+        return redact_uri(data)
     return data
+
+
+def _refuse_secrets(data: Any, where: str, path: str = "") -> None:
+    """Raise ConfigError for the first secret key given in ``data`` (a config file's or --set's mapping)."""
+    if not isinstance(data, dict):
+        return
+    for key, value in data.items():
+        name = _join(path, str(key))
+        if key in SECRET_KEYS and value not in (None, ""):
+            raise ConfigError(name, f"is a secret and cannot be given {where} (it would end up in shell history, "
+                                    f"`ps`, job entrypoints or copies of the config): set {SECRET_KEYS[key]} in "
+                                    f"the environment of every node instead, or use an AWS profile "
+                                    f"(AWS_PROFILE, ~/.aws/credentials) or the instance role")
+        _refuse_secrets(value, where, name)
 
 
 def dumps(cfg: Any, fmt: Literal["yaml", "json"] = "yaml") -> str:

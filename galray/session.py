@@ -32,8 +32,7 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool | None = None) -> None:
     # chatter) stay in Ray's log files; errors still reach the driver as exceptions.
     kwargs: dict = dict(include_dashboard=False, ignore_reinit_error=True, log_to_driver=not quiet,
                         logging_level=logging.WARNING if quiet else logging.INFO)
-    # Token auth is on by default in recent Ray; a local single-user session needs none.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Authentication stays as Ray sets it (token auth for a local Ray, Ray >= 2.52): galray never turns it off.
     # A local Ray retries a task killed for memory MAX_RETRIES times, not without end (on a cluster,
     # set RAY_task_oom_retries in the nodes' environment).
     os.environ.setdefault("RAY_task_oom_retries", str(MAX_RETRIES))

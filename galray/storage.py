@@ -6,8 +6,12 @@ Both are configured from the same :class:`StorageConfig`, or from the standard A
 ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION`` / ``AWS_REGION``.
 
-Credentials are never printed: they are excluded from reprs, and redacted when configs are dumped
-(``galray.config.SECRET_KEYS``).
+Credentials never leave the process that resolved them: they are excluded from reprs, redacted when
+configs are dumped (``galray.config.SECRET_KEYS``), and left out when a :class:`StorageConfig` or an S3
+filesystem is pickled (Ray task arguments, ``train_loop_config``, the object store). Each Ray worker
+resolves its own from its node's environment, AWS profile or instance role; on a laptop Ray's workers
+inherit the environment of the process that started Ray. The password of a ``user:password@`` URI is
+redacted in every error message.
 No Ray import here, so this module is safe everywhere.
 """
 
@@ -21,11 +25,15 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from galray.config import check
+from galray.config import SECRET_KEYS, check, redact_uri
 
 
 class StorageError(RuntimeError):
-    """Storage is unreachable, a bucket is missing, or access is denied. The message says which."""
+    """Storage is unreachable, a bucket is missing, or access is denied. The message says which (URI passwords
+    redacted)."""
+
+    def __init__(self, message: str):
+        super().__init__(redact_uri(message))
 
 
 @dataclass(frozen=True)
@@ -60,14 +68,20 @@ class StorageConfig:
                   f"must start with http:// or https://, got {self.endpoint_url!r}")
 
     def resolved(self) -> "StorageConfig":
-        """A copy with every setting taken from the environment filled in.
+        """A copy with the endpoint and region taken from the environment filled in, and no credentials.
 
-        Ray-layer code resolves on the driver and passes the result to its tasks, because worker
-        processes do not see variables set in the driver after Ray started.
+        Ray-layer code resolves on the driver and passes the result to its tasks (worker processes do
+        not see variables set in the driver after Ray started); credentials never travel that way: each
+        worker resolves its own (:meth:`resolved_credentials`: its node's environment, profile or role).
         """
-        key, secret, token = self.resolved_credentials()
         return dataclasses.replace(self, endpoint_url=self.resolved_endpoint(), region=self.resolved_region(),
-                                   access_key_id=key, secret_access_key=secret, session_token=token)
+                                   **{k: None for k in _SECRET_FIELDS})
+
+    def __reduce__(self):
+        # Pickled (a Ray task argument, an object in Ray's object store, a train_loop_config): without
+        # credentials, so they are never stored, spilled to disk or shown; the receiver resolves its own.
+        state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _SECRET_FIELDS}
+        return _rebuild_storage, (state,)
 
     # Resolved values: config first, then the environment.
     def resolved_endpoint(self) -> str | None:
@@ -82,6 +96,13 @@ class StorageConfig:
             self.secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY"),
             self.session_token or os.environ.get("AWS_SESSION_TOKEN"),
         )
+
+
+_SECRET_FIELDS = tuple(f.name for f in dataclasses.fields(StorageConfig) if f.name in SECRET_KEYS)
+
+
+def _rebuild_storage(state: dict) -> StorageConfig:
+    return StorageConfig(**state)
 
 
 def is_s3(uri: str) -> bool:
@@ -131,6 +152,10 @@ class RetryingS3FileSystem(pafs.S3FileSystem):
     def __reduce__(self):
         _, (kwargs,) = super().__reduce__()  # pyarrow's settings dict, everything but the retry strategy
         kwargs.pop("retry_strategy", None)  # in case a later pyarrow pickles it after all
+        # Never the credentials (pyarrow pickles them in clear): the copy in a Ray worker (Ray Data's
+        # filesystem=, Ray Train's storage_filesystem=) finds its own through AWS's default chain.
+        for key in ("access_key", "secret_key", "session_token"):
+            kwargs.pop(key, None)
         return _rebuild_s3, (kwargs, self.max_attempts)
 
 

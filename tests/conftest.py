@@ -20,6 +20,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Credentials never travel to Ray workers (galray.storage): like a cluster node, the session's Ray workers
+# find them in the environment they inherit when Ray starts. moto's test server accepts any; no EC2
+# metadata lookups (seconds of timeouts) when a test leaves them out on purpose.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -63,7 +63,8 @@ def test_arrow_filesystem_keeps_its_retries_through_pickling_and_the_proxy_is_fa
     assert proxy.counts["forwarded"] > 0 and proxy.faults == 0
 
     copy = pickle.loads(pickle.dumps(fs))
-    assert isinstance(copy, pafs.S3FileSystem) and copy == fs
+    # the same filesystem but for the credentials, which never travel (the copy finds its own: galray.storage)
+    assert isinstance(copy, pafs.S3FileSystem) and copy.max_attempts == 2 and copy.region == fs.region
     for f in (fs, copy):
         proxy.set_plan(FaultPlan(rate=1.0, kinds=("slowdown",)))
         with pytest.raises(OSError, match="503"):
