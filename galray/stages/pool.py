@@ -1,8 +1,10 @@
 """Fixed actor pools of model replicas (`galray embed`, `galray encode`): their settings and the one sizing rule.
 
-A pool is sized once, on the driver, and checked against the Ray cluster before anything starts:
-asking for GPUs on a cluster without them, or for more CPUs than it has, fails at once naming the
-field, instead of leaving Ray waiting for resources that never come.
+A pool is sized once, on the driver, and checked against the Ray cluster before anything starts.
+GPUs the cluster does not have yet are asked of its autoscaler and waited for, up to ``wait_s``
+(:func:`galray.cluster_resources.await_resources`); on a cluster that can never have them (no
+autoscaler, or no node type with GPUs) it fails at once naming the field, instead of leaving Ray
+waiting for resources that never come. So does asking for more CPUs than the cluster has.
 
 - GPU: ``actors`` replicas (default: one per ``num_gpus`` of the cluster's GPUs).
 - CPU: ``actors`` replicas (default: ``CPUs / (2 cpus_per_actor)``, at least one), so that on a
@@ -28,11 +30,14 @@ class ActorPoolConfig:
     """GPUs per replica (0: CPU). Checked against the cluster before anything starts."""
     cpus_per_actor: float = 1.0
     """CPUs Ray reserves for each replica."""
+    wait_s: float = 900.0
+    """Seconds to wait for an autoscaler to add the GPUs the pool needs (a progress line every 10 s)."""
 
     def __post_init__(self) -> None:
         check(self.actors >= 0, "actors", "must be >= 0 (0 = size the pool to the cluster)")
         check(self.num_gpus >= 0, "num_gpus", "must be >= 0")
         check(self.cpus_per_actor > 0, "cpus_per_actor", "must be positive")
+        check(self.wait_s >= 0, "wait_s", "must be >= 0")
 
 
 def pool_size(pool: ActorPoolConfig, reserve_cpus: float = 0.0, field_prefix: str = "") -> int:
@@ -42,12 +47,13 @@ def pool_size(pool: ActorPoolConfig, reserve_cpus: float = 0.0, field_prefix: st
 
     from galray.session import cluster_gpus
 
+    from galray.cluster_resources import await_resources
+
     gpus, cpus = cluster_gpus(), float(ray.cluster_resources().get("CPU", 0.0))
     if pool.num_gpus > 0:
-        if gpus == 0:
-            raise ConfigError(f"{field_prefix}num_gpus", f"asks for {pool.num_gpus:g} GPU(s) per actor, but the Ray "
-                              f"cluster has no GPUs; use --num-gpus 0 to run on CPU (Ray would otherwise wait for "
-                              f"GPUs that never come)")
+        total = await_resources({"GPU": pool.num_gpus}, max(pool.actors, 1), timeout_s=pool.wait_s,
+                                field=f"{field_prefix}num_gpus")
+        gpus, cpus = total.get("GPU", 0.0), total.get("CPU", 0.0)
         n = pool.actors or int(gpus // pool.num_gpus)
         if n < 1 or n * pool.num_gpus > gpus:
             raise ConfigError(f"{field_prefix}actors", f"{max(n, 1)} actor(s) x {pool.num_gpus:g} GPU(s) need "

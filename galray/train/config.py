@@ -55,11 +55,17 @@ class ScalingSection:
     preprocessing tasks need some, and on a 2-CPU laptop 2 x 1.0 would starve them."""
     gpus_per_worker: float = 1.0
     """GPUs per worker when use_gpu is true."""
+    wait_s: float = 900.0
+    """Seconds to wait for an autoscaler to add the GPUs the workers need (a progress line every 10 s)."""
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
+    """Ray's placement of the workers: PACK fills a node first; SPREAD puts them on different nodes where it
+    can (and still on one node when only one is left, e.g. after a node loss)."""
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 1, "num_workers", "must be at least 1")
         check(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive")
         check(self.gpus_per_worker > 0, "gpus_per_worker", "must be positive")
+        check(self.wait_s >= 0, "wait_s", "must be >= 0")
 
     def resources_per_worker(self) -> dict[str, float]:
         out = {"CPU": self.cpus_per_worker}

@@ -3,7 +3,9 @@
 On the driver, ``fit``
 
 1. resolves the storage and tracking settings (workers never see variables set here after Ray
-   started, so everything they need travels in the config);
+   started, so everything they need travels in the config, except credentials: each worker finds its
+   own, see galray.storage); on a multi-node cluster, refuses a tracking URI or storage path only this
+   node can reach, and on an autoscaling one asks for the GPUs and waits for them (bounded);
 2. builds the Ray datasets: the input store, split into train and validation by
    ``crc32(object_id)`` (the same object is always on the same side, whatever the shard layout),
    and turned into tensors: ``x`` (SAE), ``pixels`` (VQ-VAE, the same preprocessing as
@@ -33,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow.fs as pafs
 
+from galray.cluster_resources import await_resources, check_reachable_from_every_node
 from galray.config import dumps, flatten, to_dict
 from galray.storage import StorageConfig, check_access, join
 from galray.tracking import Tracker, TrackingConfig, metric_series, open_run
@@ -146,6 +149,10 @@ def fit(job: TrainJob) -> TrainSummary:
     if not tracking.run_name:
         tracking = dataclasses.replace(tracking, run_name=job.name)
     ensure_ray()
+    check_reachable_from_every_node(tracking.uri if tracking.enabled else None, job.storage_path)
+    if job.scaling.use_gpu:  # on an autoscaling cluster: ask for the GPU nodes and wait (bounded)
+        await_resources({"GPU": job.scaling.gpus_per_worker}, job.scaling.num_workers,
+                        timeout_s=job.scaling.wait_s, field="scaling.use_gpu")
     data = build_datasets(job, storage)
     run_config = _run_config(job, storage)
     tracker = open_run(tracking, job.run_key, job.name, {"galray.kind": job.kind},
@@ -156,7 +163,8 @@ def fit(job: TrainJob) -> TrainSummary:
         train_loop_config={"job": to_dict(worker_job), "run_id": tracker.run_id,
                            "model": to_dict(data.model_config), "init_state": data.init_state},
         scaling_config=ray.train.ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu,
-                                               resources_per_worker=job.scaling.resources_per_worker()),
+                                               resources_per_worker=job.scaling.resources_per_worker(),
+                                               placement_strategy=job.scaling.placement_strategy),
         run_config=run_config, datasets=data.datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
     try:
