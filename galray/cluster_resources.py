@@ -9,14 +9,14 @@ once only when nothing can ever provide them:
 - the autoscaler (v2, the default of ``ray up`` and of KubeRay's in-tree autoscaler since Ray 2.5x) reports
   the request infeasible: no node type of the cluster has that shape.
 
-An autoscaler v1 does not report infeasible requests through any API, so there the wait runs to its bound.
+An autoscaler v1 is not recognised (it reports neither its node types nor infeasible requests through any
+API, and a local Ray runs a read-only one): there a stage fails at once, as on a fixed cluster.
 
 Ray is imported inside the functions: the CLI reads configs without it.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import Callable, Mapping
@@ -37,18 +37,15 @@ def _fits(total: Mapping[str, float], bundle: Mapping[str, float], count: int) -
 
 
 def autoscaler_version() -> int:
-    """2 or 1 when an autoscaler runs on this Ray cluster, 0 when none does (what is there is all there is)."""
-    import ray
-    from ray.experimental.internal_kv import _internal_kv_get
+    """2 when an autoscaler v2 runs on this Ray cluster (`ray up` and KubeRay's in-tree autoscaler), else 0.
 
+    A v1 monitor is not counted: a local Ray runs one too (a read-only provider that can add nothing), and
+    v1 reports neither its node types nor infeasible requests through any API, so a wait could never be
+    bounded by them; on such a cluster the resources it has now are all a stage counts on.
+    """
     from ray.autoscaler.v2.utils import is_autoscaler_v2
 
-    if is_autoscaler_v2(fetch_from_server=True):
-        return 2
-    # The v1 monitor publishes its status every update; only a monitor with a cluster config (node types)
-    # adds an autoscaler report to it.
-    status = _internal_kv_get(ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS)
-    return 1 if status and json.loads(status).get("autoscaler_report") else 0
+    return 2 if is_autoscaler_v2(fetch_from_server=True) else 0
 
 
 def _infeasible(bundle: Mapping[str, float]) -> bool:
@@ -102,7 +99,7 @@ def await_resources(bundle: Mapping[str, float], count: int, *, timeout_s: float
         if _fits(total, bundle, count):
             progress(f"the cluster has {want} after {time.monotonic() - t0:.0f} s")
             return total
-        if version == 2 and _infeasible(bundle):
+        if _infeasible(bundle):
             request_resources(bundles=[])
             raise ConfigError(field, f"needs {count} x {bundle}, but no node type of this cluster has such a "
                                      f"node (the autoscaler reports the request infeasible)")
