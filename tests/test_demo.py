@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import render_page
+
+STAGES = ("simulate", "xdf", "vqvae", "codes", "prior", "embed", "sae", "generate", "features", "analyze", "report")
 pytestmark = pytest.mark.timeout(1800)
 
 
@@ -36,9 +39,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
 
 def test_demo_writes_every_artifact_under_its_output(demo: tuple[Path, Path, str]) -> None:
     cwd, out, stdout = demo
-    for name in ("sim", "xdf", "codes", "embeddings"):
+    for name in ("sim", "xdf", "codes", "embeddings", "features"):
         assert list((out / name).glob("*.parquet")), name
-    for name in ("sim_montage.png", "generated.png", "mlflow.db"):
+    for name in ("sim_montage.png", "generated.png", "mlflow.db", "report.html", "analysis/analysis.json"):
         assert (out / name).stat().st_size > 0, name
     for run in ("vqvae-demo", "prior-demo", "sae-demo-best"):
         assert list((out / "runs" / run).glob("step-*/config.json")), run
@@ -47,8 +50,9 @@ def test_demo_writes_every_artifact_under_its_output(demo: tuple[Path, Path, str
     assert not (cwd / "mlruns").exists()
     assert list((out / "mlartifacts").rglob("*.png"))
     assert "headline figures:" in stdout and "sae.val_fvu" in stdout and "vqvae.val_perplexity" in stdout
-    for i, stage in enumerate(("simulate", "xdf", "vqvae", "codes", "prior", "embed", "sae", "generate"), 1):
-        assert f"[{i}/8] {stage}:" in stdout
+    assert "best |rho| with the ground truth" in stdout and "ring_radius" in stdout
+    for i, stage in enumerate(STAGES, 1):
+        assert f"[{i}/{len(STAGES)}] {stage}:" in stdout
         record = json.loads((out / "stages" / f"{stage}.json").read_text())
         assert all(Path(p).exists() for p in record["paths"].values()), stage
 
@@ -79,8 +83,8 @@ def test_demo_rerun_reuses_every_stage(demo: tuple[Path, Path, str]) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")}
     proc = _galray("demo", "--fast", "--output", str(out), cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("reusing the result of an earlier run") == 8
-    assert "0 stages ran" in proc.stdout and "8 reused" in proc.stdout
+    assert proc.stdout.count("reusing the result of an earlier run") == len(STAGES)
+    assert f"0 stages ran, {len(STAGES)} reused" in proc.stdout
     assert {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")} == before
 
 
@@ -89,3 +93,11 @@ def test_demo_subset_without_its_inputs_fails_at_start(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "stages: stage embed needs what simulate, vqvae make" in proc.stderr
     assert not (tmp_path / "fresh").exists()
+
+
+def test_demo_report_renders_in_headless_chromium(demo: tuple[Path, Path, str], chromium, tmp_path: Path) -> None:
+    _, out, _ = demo
+    images, spread = render_page(chromium, out / "report.html", tmp_path / "report.png")
+    assert len(images) > 20
+    assert [i["alt"] for i in images if i["naturalWidth"] == 0] == []
+    assert spread > 10, "the screenshot is blank"

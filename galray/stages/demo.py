@@ -88,6 +88,7 @@ class DemoJob:
 
 
 Paths = dict[str, str]
+RHO_SAE, RHO_PCA = "analyze.best_rho_sae[", "analyze.best_rho_pca["
 Figures = dict[str, float]
 
 
@@ -219,6 +220,40 @@ def _generate(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
     return out, {}
 
 
+def _features(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
+    from galray.stages.features import FeaturesJob, apply_sae
+
+    out = {"features": str(cfg.root / "features")}
+    summary = apply_sae(FeaturesJob(input=paths["embeddings"], sae=paths["sae"], output=out["features"],
+                                    tracking=cfg.tracking()))
+    print(summary.format())
+    return out, {"l0_mean": summary.l0_mean, "k": float(summary.k), "latents": float(summary.n_latents)}
+
+
+def _analyze(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
+    from galray.stages.analyze import AnalyzeJob, analyze
+
+    out = {"analysis": str(cfg.root / "analysis")}
+    summary = analyze(AnalyzeJob(input=paths["features"], output=out["analysis"], vqvae=paths["vqvae"],
+                                 codes=paths["codes"], prior=paths["prior"], val_fraction=0.2, seed=cfg.seed,
+                                 tracking=cfg.tracking()))
+    print(summary.format())
+    figures: Figures = {}
+    for label, row in summary.recovery.items():
+        figures[f"best_rho_sae[{label}]"] = row["sae"]
+        figures[f"best_rho_pca[{label}]"] = row["pca"]
+    return out, figures
+
+
+def _report(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
+    from galray.stages.report import ReportJob, report
+
+    out = {"report": str(cfg.root / "report.html")}
+    summary = report(ReportJob(run=paths["analysis"], output=out["report"], tracking=cfg.tracking()))
+    print(summary.format())
+    return out, {"report_images": float(summary.images)}
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("simulate", "simulating a survey with GalSim", (), ("store", "preview"), _simulate),
     Stage("xdf", "cutting real galaxies from the Hubble XDF", (), ("xdf",), _xdf),
@@ -231,6 +266,12 @@ STAGES: tuple[Stage, ...] = (
                  "width on the embeddings, then the SAE at the best setting", ("embeddings",), ("sae", "campaign"), _sae),
     Stage("generate", "sampling new galaxies from the prior (classifier-free guidance 2)", ("prior", "vqvae"),
           ("generated",), _generate),
+    Stage("features", "sparse features of every embedding (the SAE's threshold inference)", ("embeddings", "sae"),
+          ("features",), _features),
+    Stage("analyze", "SAE features and PCA against the simulator's ground truth (with a shuffle null), "
+                     "galleries, feature families, the codebook and generations", ("features", "vqvae", "codes", "prior"),
+          ("analysis",), _analyze),
+    Stage("report", "the HTML report", ("analysis",), ("report",), _report),
 )
 
 
@@ -252,9 +293,15 @@ class DemoSummary(FieldsSummary):
     def format(self) -> str:
         lines = [f"\ndone in {self.seconds:.0f} s ({len(self.ran)} stages ran"
                  + (f", {len(self.reused)} reused" if self.reused else "") + ")."]
-        if self.figures:
+        rho = {k[len(RHO_SAE):-1]: (v, self.figures.get(f"{RHO_PCA}{k[len(RHO_SAE):]}", float("nan")))
+               for k, v in self.figures.items() if k.startswith(RHO_SAE)}
+        plain = {k: v for k, v in self.figures.items() if not k.startswith((RHO_SAE, RHO_PCA))}
+        if plain:
             lines.append("headline figures:")
-            lines += [f"  {k:<28} {v:.4g}" for k, v in self.figures.items()]
+            lines += [f"  {k:<32} {v:.4g}" for k, v in plain.items()]
+        if rho:
+            lines.append(f"  {'best |rho| with the ground truth':<32} {'SAE':>6} {'PCA':>6}")
+            lines += [f"    {k:<30} {a:>6.3f} {b:>6.3f}" for k, (a, b) in rho.items()]
         shown = [k for k in ("preview", "generated", "report") if k in self.paths]
         if shown:
             lines.append("look at: " + ", ".join(self.paths[k] for k in shown))
