@@ -187,6 +187,15 @@ def _campaign_args(tmp: Path, name: str, *extra: str) -> list[str]:
             f"sqlite:///{tmp}/mlflow.db", "--json", *CAMPAIGN_FLAGS, *extra]
 
 
+def _summary(stdout: str) -> dict:
+    """The --json summary: Ray's own driver lines (e.g. "(raylet) Task ... failed due to oom" on a loaded
+    machine) can come before it on stdout."""
+    lines = stdout.splitlines()
+    start = lines.index("{")
+    end = len(lines) - lines[::-1].index("}")
+    return json.loads("\n".join(lines[start:end]))
+
+
 def _env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)  # a fresh Ray of its own, never the suite's shared one
@@ -220,7 +229,7 @@ def test_asha_campaign_releases_resources_and_records_every_trial(campaign_dir):
     tmp = campaign_dir
     out = subprocess.run(_campaign_args(tmp, "asha"), capture_output=True, text=True, timeout=1500, cwd=tmp, env=_env())
     assert out.returncode == 0, out.stderr[-4000:]
-    summary = json.loads(out.stdout)
+    summary = _summary(out.stdout)
     # No leaked resources: the campaign's own Ray has all its CPUs free again, no placement group left.
     assert summary["cpu_total"] >= 1 and summary["cpu_available"] == summary["cpu_total"], summary
     assert summary["leaked_placement_groups"] == 0, summary
@@ -281,7 +290,7 @@ def test_killed_campaign_resumes_without_running_a_trial_twice(campaign_dir):
     out = subprocess.run(args + ["--resume", str(tmp / "runs" / "killed")], capture_output=True, text=True,
                          timeout=1500, cwd=tmp, env=_env())
     assert out.returncode == 0, out.stderr[-4000:]
-    summary = json.loads(out.stdout)
+    summary = _summary(out.stdout)
     # As many trials as requested, each once, all with a result.
     assert summary["trials"] == 4 and summary["errored"] == 0
     assert len({r["trial"] for r in summary["rows"]}) == 4 and all(r["val_fvu"] is not None for r in summary["rows"])
