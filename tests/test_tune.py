@@ -328,3 +328,11 @@ def test_optuna_campaign_then_train_the_best(ray_session, campaign_dir, tmp_path
     assert trained.name == "optuna-best" and trained.step == 20
     run = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_run(trained.mlflow_run_id)
     assert run.data.params["sae.model.k"] == str(campaign.best_values["sae.model.k"])
+
+
+@pytest.mark.parametrize("space", sorted((ROOT / "jobs" / "configs").glob("tune_*_space*.yaml")), ids=lambda p: p.name)
+def test_shipped_spaces_fit_their_configs(space):
+    """Every search space in jobs/configs is valid for the training config it names in its comment."""
+    kind = space.name.split("_")[1]
+    config = ROOT / "jobs" / "configs" / (f"{kind}_cpu_debug.yaml" if "cpu_debug" in space.name else f"{kind}.yaml")
+    SearchSpace.load(space).validate(load(TrainJob, config))
