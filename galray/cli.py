@@ -381,6 +381,23 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
         Flag("--top-k", "sampling.top_k", "keep only the k most likely codes; 0 keeps all"),
         Flag("--top-p", "sampling.top_p", "nucleus sampling mass; 1 keeps all"),
         Flag("--seed", "seed", "random seed")), storage=False),
+    Verb("export", "galray.stages.export", "ExportJob", "export",
+         "write a trained model in another tool's format (SAELens, Hugging Face hub layout)", _d("""
+        sae --format saelens: SAELens's JumpReLU folder (cfg.json, sae_weights.safetensors; with --input
+        an embedding store, also sparsity.safetensors): the SAE's z-score normalisation folded into the
+        weights and its threshold per latent, so SAELens's encode/decode equal galray's threshold mode.
+        vqvae|encoder --format hf: a Hugging Face hub folder (config.json, model.safetensors, README.md
+        model card with the training config, data and metrics of its MLflow run) that
+        `galray embed --model local-dir:OUT` loads; an encoder is a timm weights file (--model names the
+        architecture) and also loads with timm.create_model("local-dir:OUT", pretrained=True).
+        Every trained model is also an MLflow model: mlflow.pyfunc.load_model("models:/galray-sae/1")."""), (
+        Flag("kind", "kind", "what the checkpoint holds"),
+        Flag("checkpoint", "checkpoint", "checkpoint folder (encoder: weights file)", metavar="CKPT"),
+        Flag("--format", "format", "output format"),
+        Flag("--output", "output", "output folder", old=("--out",), metavar="DIR"),
+        Flag("--model", "model", "encoder: timm architecture of the weights file"),
+        Flag("--input", "input", "sae: embedding store to measure the sparsity log on", metavar="URI"),
+        TRACKING_URI)),
     Verb("demo", "galray.stages.demo", "DemoJob", "run_demo",
          "run the whole pipeline end to end on a small survey, offline", _d("""
         The quickstart, offline, on a CPU: simulate a survey with GalSim and cut real galaxies

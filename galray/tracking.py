@@ -67,6 +67,47 @@ class TrackingConfig:
         return replace(self, uri=self.resolved_uri())
 
 
+def context_tags() -> dict[str, str]:
+    """MLflow's usual run tags (``mlflow.user``, ``mlflow.source.name``/``type``, and git when the program
+    lies in a checkout), with git's commit, branch and repo URL taken from galray's own source folder.
+
+    MLflow's fluent ``start_run`` adds these, but runs made through the client get none, and MLflow finds
+    git only when ``sys.argv[0]`` is in a checkout (``mlflow/tracking/context/git_context.py``), which the
+    ``galray`` script, pytest and Ray workers never are.
+    """
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils import git_utils
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL
+
+    tags = dict(resolve_tags())
+    here = str(Path(__file__).resolve().parent)
+    for key, get in ((MLFLOW_GIT_COMMIT, git_utils.get_git_commit), (MLFLOW_GIT_BRANCH, git_utils.get_git_branch),
+                     (MLFLOW_GIT_REPO_URL, git_utils.get_git_repo_url)):
+        if key not in tags and (value := get(here)):
+            tags[key] = value
+    return tags
+
+
+def store_name(uri: str) -> str:
+    """A store's name in MLflow's dataset list: the last part of its URI."""
+    return uri.rstrip("/").rsplit("/", 1)[-1] or uri
+
+
+def store_dataset(uri: str, num_rows: int, name: str) -> Any:
+    """An MLflow dataset entity naming a store by its URI (MLflow's ``MetaDataset``: the data is not loaded),
+    with the row count as its profile. A bare local path becomes file://, which MLflow resolves to a local
+    artifact source."""
+    import json
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset
+
+    source_uri = uri if "://" in uri else Path(uri).resolve().as_uri()
+    meta = MetaDataset(resolve_dataset_source(source_uri), name=name).to_dict()
+    return Dataset(**meta, profile=json.dumps({"num_rows": int(num_rows)}))
+
+
 def _is_rank_zero() -> bool:
     try:
         import torch.distributed as dist
@@ -96,7 +137,8 @@ class Tracker:
             exp = self._client.get_experiment_by_name(cfg.experiment)
             exp_id = exp.experiment_id if exp else self._client.create_experiment(
                 cfg.experiment, artifact_location=cfg.artifact_location)
-            run = self._client.create_run(exp_id, run_name=cfg.run_name or run_name, tags=dict(tags or {}))
+            run = self._client.create_run(exp_id, run_name=cfg.run_name or run_name,
+                                          tags={**context_tags(), **dict(tags or {})})
             run_id = run.info.run_id
         self.run_id = run_id
 
@@ -150,6 +192,17 @@ class Tracker:
         if self.active:
             for k, v in tags.items():
                 self._client.set_tag(self.run_id, k, str(v))
+
+    def log_input(self, uri: str, num_rows: int, name: str, context: str = "training") -> None:
+        """Record a store the run read (``mlflow.log_input``'s lineage): its URI, name and row count.
+        The store is not loaded (:func:`store_dataset`)."""
+        if not self.active:
+            return
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = [DatasetInput(store_dataset(uri, num_rows, name), [InputTag(MLFLOW_DATASET_CONTEXT, context)])]
+        self._client.log_inputs(self.run_id, inputs)
 
     def register(self, artifact_path: str, name: str | None = None) -> None:
         """Register ``runs:/<run>/<artifact_path>`` under ``name`` (default: cfg.register_model)."""
@@ -234,6 +287,7 @@ class StageRun:
         self.tracker = Tracker(cfg.resolved(), run_name=f"{stage}: {output.rstrip('/').rsplit('/', 1)[-1]}",
                                tags={"galray.stage": stage, "galray.output": output})
         self.tracker.log_params(job)
+        self.input: str | None = getattr(job, "input", None)
         self.every_s = every_s
         self._t0 = self._last = time.perf_counter()
         self._clock = time.perf_counter
@@ -261,4 +315,30 @@ class StageRun:
             return
         figures = {k: v for k, v in summary.to_json().items() if isinstance(v, (int, float))}
         self.tracker.log_metrics({**figures, **(extra or {})}, step=summary.rows_in)
+        if self.input:
+            self.tracker.log_input(self.input, summary.rows_in, store_name(self.input), context="inference")
         self.tracker.finish()
+
+
+def run_record(tracking: TrackingConfig, run_id: str) -> dict[str, Any] | None:
+    """A run's params, last metrics and input stores (``[{name, source, num_rows}]``), for a model card;
+    None when the tracking store does not hold the run (a sqlite file that does not exist is not created)."""
+    import json
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking.resolved_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return None
+    try:
+        run = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException:
+        return None
+    inputs = []
+    for d in run.inputs.dataset_inputs if run.inputs else []:
+        source = json.loads(d.dataset.source or "{}")
+        profile = json.loads(d.dataset.profile or "{}")
+        inputs.append({"name": d.dataset.name, "source": source.get("uri", d.dataset.source),
+                       "num_rows": profile.get("num_rows")})
+    return {"run_id": run_id, "params": dict(run.data.params), "metrics": dict(run.data.metrics), "inputs": inputs}

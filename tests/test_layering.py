@@ -33,7 +33,8 @@ def _modules(pattern: str) -> list[str]:
     return [_module(p) for p in sorted(PKG.glob(pattern)) if p.name != "__init__.py"]
 
 
-PURE = (["galray.config", "galray.data.cutouts", "galray.data.preprocess", "galray.train.loop"]
+PURE = (["galray.config", "galray.data.cutouts", "galray.data.preprocess", "galray.train.loop",
+         "galray.export.saelens", "galray.export.hf"]
         + _modules("models/*.py") + _modules("train/*_loop.py") + _modules("analysis/*.py"))
 
 # (rule, modules imported one after the other, forbidden top-level modules, code run after the imports)
@@ -53,6 +54,8 @@ IMPORT_RULES = [
      "inside functions)", ["galray.stages.embed", "galray.stages.features", "galray.stages.pool",
                            "galray.stages.summary"], RAY_LAYER | {"torch"}, ""),
     ("the report stage renders without torch", ["galray.stages.report"], {"ray", "torch"}, ""),
+    ("an MLflow model loads without Ray, storage or galray's training code", ["galray.export.pyfunc"],
+     {"ray", "boto3", "botocore", "s3fs", "galray.train", "galray.stages", "galray.data", "galray.storage"}, ""),
     ("survey readers run in plain tasks", ["galray.data.formats", "galray.data.stores", "galray.data.shards",
                                            "galray.data.resume", "galray.data.split", "galray.data.checkpoints",
                                            "galray.data.arrow_safety", "galray.data.limits", "galray.data.ids"],

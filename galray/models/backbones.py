@@ -6,7 +6,8 @@ Names that :func:`create_backbone` understands:
   from the hub when online, randomly initialised with ``pretrained=False``, or loaded from a local
   ``weights`` file;
 - ``hf_hub:owner/repo`` and ``local-dir:/path/to/hub_copy`` (timm's own sources: ``config.json`` +
-  weights), e.g. the Zoobot encoders ``hf_hub:mwalmsley/zoobot-encoder-convnext_nano`` (640-d);
+  weights; a ``local-dir:`` folder written by `galray export vqvae --format hf` is galray's VQ-VAE),
+  e.g. the Zoobot encoders ``hf_hub:mwalmsley/zoobot-encoder-convnext_nano`` (640-d);
 - ``mwalmsley/euclid_encoder_mae_zoobot_vit_small_patch8_224``: the Euclid MAE ViT-S/8 (384-d). Its
   architecture, ``zoobot_vit_small_patch8_224``, is registered here so timm can build it
   (mean-pooled patch tokens, as in Walmsley's feature export scripts);
@@ -305,11 +306,24 @@ class PooledVQVAEEncoder(nn.Module):
         return self.vqvae.embed(x_BCHW)  # type: ignore[operator]
 
 
-def _create_vqvae(cfg: BackboneConfig) -> Backbone:
+def _galray_vqvae_folder(cfg: BackboneConfig) -> Path | None:
+    """The checkpoint folder of ``vqvae:DIR``, or of ``local-dir:DIR`` when DIR is a galray VQ-VAE in the hub
+    layout (`galray export vqvae --format hf`: its config.json names the class); else None (a timm folder)."""
+    from galray.models.checkpoint import MODEL_CONFIG_NAME, read_config
+
+    if cfg.name.startswith(VQVAE_PREFIX):
+        return Path(cfg.name[len(VQVAE_PREFIX):]).expanduser()
+    if cfg.name.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(cfg.name[len(LOCAL_DIR_PREFIX):]).expanduser()
+        if (folder / MODEL_CONFIG_NAME).is_file() and read_config(folder).get("class") == "VQVAE":
+            return folder
+    return None
+
+
+def _create_vqvae(cfg: BackboneConfig, folder: Path) -> Backbone:
     from galray.models.checkpoint import WEIGHTS_NAME, load_model
     from galray.models.vqvae import VQVAE
 
-    folder = Path(cfg.name[len(VQVAE_PREFIX):]).expanduser()
     if not (folder / WEIGHTS_NAME).is_file():
         raise BackboneError("model", f"{folder} is not a VQ-VAE checkpoint folder (no {WEIGHTS_NAME})")
     vqvae = load_model(VQVAE, folder).eval()
@@ -323,7 +337,8 @@ def _create_vqvae(cfg: BackboneConfig) -> Backbone:
 
 def create_backbone(cfg: BackboneConfig) -> Backbone:
     """Build the headless backbone named by ``cfg`` (in eval mode, on CPU)."""
-    backbone = _create_vqvae(cfg) if cfg.name.startswith(VQVAE_PREFIX) else _create_timm(cfg)
+    folder = _galray_vqvae_folder(cfg)
+    backbone = _create_vqvae(cfg, folder) if folder is not None else _create_timm(cfg)
     backbone.model.eval()
     return backbone
 

@@ -19,7 +19,9 @@ On the driver, ``fit``
    workers), and ``FailureConfig(max_failures)`` restarts a failed worker group from it;
 6. logs the final checkpoint and ``config.json`` as artifacts, the figures (loss curves from
    the run's metric history, so they span restarts; codebook usage; SAE feature density),
-   registers the model and closes the run.
+   logs the model as an MLflow pyfunc model with a signature and an input example
+   (:mod:`galray.export.mlflow_model`), registers it and closes the run. The input store is recorded
+   as the run's input dataset (URI and row count).
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ import pyarrow.fs as pafs
 
 from galray.cluster_resources import await_resources, check_reachable_from_every_node
 from galray.config import dumps, flatten, to_dict
+from galray.data.stores import footer_rows
 from galray.storage import StorageConfig, check_access, join
-from galray.tracking import Tracker, TrackingConfig, metric_series, open_run
+from galray.tracking import Tracker, TrackingConfig, metric_series, open_run, store_name
 from galray.train.config import TrainJob
 from galray.train.datasets import PreparedData, build_datasets
 
@@ -59,6 +62,8 @@ def _resolved_params(job: TrainJob, data: PreparedData) -> dict[str, Any]:
 def _log_outputs(job: TrainJob, tracker: Tracker, tracking: TrackingConfig, result: "ray.train.Result",
                  ret: dict[str, Any]) -> None:
     from galray.analysis import figures
+    from galray.export.mlflow_model import log_galray_model
+    from galray.export.pyfunc import KINDS as MLFLOW_MODEL_KINDS
 
     if not tracker.active:
         return
@@ -69,6 +74,9 @@ def _log_outputs(job: TrainJob, tracker: Tracker, tracking: TrackingConfig, resu
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
             tracker.log_artifact(d, "checkpoint")
+            if job.register and job.kind in MLFLOW_MODEL_KINDS:
+                log_galray_model(job.kind, d, tracking.resolved_uri(), tracker.run_id,
+                                 registered_name=tracking.register_model or f"galray-{job.kind}")
     series = metric_series(tracking, tracker.run_id, job.loop.CURVES)
     if series:
         tracker.log_figure(figures.loss_curves(series, title=f"{job.kind} {job.name}"), "loss_curves.png")
@@ -80,7 +88,7 @@ def _log_outputs(job: TrainJob, tracker: Tracker, tracking: TrackingConfig, resu
                                                    n_latents=data.get("n_latents"),
                                                    n_samples=data.get("n_samples")),
                            "feature_density.png")
-    if job.register and result.checkpoint is not None:
+    if job.register and result.checkpoint is not None and job.kind not in MLFLOW_MODEL_KINDS:
         tracker.register("checkpoint", tracking.register_model or f"galray-{job.kind}")
 
 
@@ -141,6 +149,7 @@ def fit(job: TrainJob) -> TrainSummary:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from galray.data.store import shard_paths
     from galray.session import ensure_ray
     from galray.train.workers import train_loop_per_worker
 
@@ -157,6 +166,9 @@ def fit(job: TrainJob) -> TrainSummary:
     run_config = _run_config(job, storage)
     tracker = open_run(tracking, job.run_key, job.name, {"galray.kind": job.kind},
                        {**flatten(job), **_resolved_params(job, data)})
+    if tracker.active:
+        fs, paths = shard_paths(job.input, storage)
+        tracker.log_input(job.input, sum(footer_rows(fs, paths)), store_name(job.input))
     worker_job = dataclasses.replace(job, storage=storage, tracking=tracking)
     trainer = TorchTrainer(
         train_loop_per_worker,
