@@ -204,6 +204,22 @@ class Tracker:
         inputs = [DatasetInput(store_dataset(uri, num_rows, name), [InputTag(MLFLOW_DATASET_CONTEXT, context)])]
         self._client.log_inputs(self.run_id, inputs)
 
+    def log_model(self, kind: str, checkpoint: str | Path, name: str | None = None) -> None:
+        """Log a local checkpoint folder as the run's MLflow model, registered under ``name`` when given.
+
+        sae, vqvae and prior become pyfunc models with a signature and an input example
+        (:mod:`galray.export.mlflow_model`); another kind is registered as its ``checkpoint`` artifact.
+        """
+        if not self.active:
+            return
+        from galray.export.mlflow_model import log_galray_model
+        from galray.export.pyfunc import PYFUNC_KINDS
+
+        if kind in PYFUNC_KINDS:
+            log_galray_model(kind, checkpoint, self.cfg.resolved_uri(), str(self.run_id), registered_name=name)
+        elif name:
+            self.register("checkpoint", name)
+
     def register(self, artifact_path: str, name: str | None = None) -> None:
         """Register ``runs:/<run>/<artifact_path>`` under ``name`` (default: cfg.register_model)."""
         name = name or self.cfg.register_model

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from mlflow.models import Model
 
 from galray.config import ConfigError, from_dict
 from galray.data.shards import ImageSpec, make_table, shard_name, write_table
@@ -61,7 +62,13 @@ def _assert_run_recorded(uri: str, run_id: str, kind: str, figures: set[str]) ->
     ckpt = {Path(a.path).name for a in client.list_artifacts(run_id, "checkpoint")}
     assert {"config.json", "model.safetensors", "train_state.pt"} <= ckpt
     assert {f"{f}.png" for f in figures} <= {Path(a.path).name for a in client.list_artifacts(run_id, "figures")}
-    assert client.search_model_versions(f"name='galray-{kind}'")
+    # The registered version is an MLflow model (pyfunc, signature, input example); the run names its input store.
+    version = max(client.search_model_versions(f"name='galray-{kind}'"), key=lambda v: int(v.version))
+    where = client.get_logged_model(version.source.removeprefix("models:/")).artifact_location
+    model = Model.load(mlflow.artifacts.download_artifacts(artifact_uri=f"{where}/MLmodel"))
+    assert "python_function" in model.flavors and model.signature is not None and model.saved_input_example_info
+    (store,) = run.inputs.dataset_inputs
+    assert json.loads(store.dataset.profile)["num_rows"] > 0
 
 
 def _s3_checkpoints(s3_server, bucket: str, prefix: str) -> set[str]:

@@ -6,7 +6,7 @@ and a model card ``README.md`` (YAML front matter, then the model, training conf
   ``timm.create_model("local-dir:DIR", pretrained=True)``, ``timm.create_model(ARCH, pretrained=True,
   pretrained_cfg_overlay=dict(file="DIR/model.safetensors"))``, the hub after an upload, and
   ``galray embed --model local-dir:DIR`` all load it (the way Zoobot shares its encoders).
-- A VQ-VAE keeps galray's checkpoint files, which are already this layout (``config.json`` naming the
+- A VQ-VAE keeps galray's checkpoint files (read from a local folder or S3), which are already this layout (``config.json`` naming the
   class and its config, ``model.safetensors``): ``galray embed --model local-dir:DIR`` and
   ``galray.models.checkpoint.load_model(VQVAE, DIR)`` load it.
 
@@ -16,14 +16,13 @@ Pure torch + timm: the card's training facts come in as a dict (the stage reads 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
 from torch import nn
 
 from galray import __version__
-from galray.models.checkpoint import MODEL_CONFIG_NAME, WEIGHTS_NAME, read_config
+from galray.models.checkpoint import MODEL_CONFIG_NAME, WEIGHTS_NAME, CheckpointBytes, read_config
 
 CARD_NAME = "README.md"
 
@@ -74,16 +73,15 @@ def write_timm_encoder(model: nn.Module, out: str | Path, title: str,
     return out
 
 
-def write_galray_checkpoint(checkpoint: str | Path, out: str | Path, title: str, tags: list[str],
+def write_galray_checkpoint(checkpoint: CheckpointBytes, out: str | Path, title: str, tags: list[str],
                             training: Mapping[str, Any] | None = None) -> Path:
-    """A galray checkpoint folder (config.json + model.safetensors) as a hub folder, plus the model card.
+    """A galray checkpoint (config.json + model.safetensors, as bytes) as a hub folder, plus the model card.
     Training state (optimizer) is left out."""
-    src, out = Path(checkpoint), Path(out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    payload = read_config(src)
-    payload = {**payload, "library_name": "galray", "galray_version": __version__}
+    payload = {**json.loads(checkpoint.config_json), "library_name": "galray", "galray_version": __version__}
     (out / MODEL_CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
-    shutil.copyfile(src / WEIGHTS_NAME, out / WEIGHTS_NAME)
+    (out / WEIGHTS_NAME).write_bytes(checkpoint.weights)
     cls = payload.get("class", "model")
     how = (f"from galray.models.checkpoint import load_model\nfrom galray.models.vqvae import {cls}\n"
            f'model = load_model({cls}, "{out}").eval()\n# or: galray embed --model local-dir:{out} ...')

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import galray
-from galray.export.pyfunc import CHECKPOINT_ARTIFACT, KINDS, PRIOR_PARAMS
+from galray.export.pyfunc import CHECKPOINT_ARTIFACT, PRIOR_PARAMS, PYFUNC_KINDS
 from galray.models.checkpoint import MODEL_CONFIG_NAME, WEIGHTS_NAME, load_model
 
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
@@ -50,9 +50,7 @@ def example_input(kind: str, model: torch.nn.Module) -> np.ndarray:
     if kind == "vqvae":
         return torch.rand(EXAMPLE_ROWS, cfg.in_channels, cfg.image_size, cfg.image_size,
                           generator=gen).numpy().astype(np.float32)
-    if kind == "prior":
-        return np.array([0, -1], dtype=np.int64)
-    raise ValueError(f"no MLflow model for kind {kind!r} (known: {', '.join(KINDS)})")
+    return np.array([0, -1], dtype=np.int64)  # prior
 
 
 @contextlib.contextmanager
@@ -84,9 +82,9 @@ def log_galray_model(kind: str, checkpoint: str | Path, tracking_uri: str, run_i
     import mlflow
     from mlflow.models import infer_signature
 
-    cls, predict = KINDS[kind] if kind in KINDS else (None, None)
-    if cls is None:
-        raise ValueError(f"no MLflow model for kind {kind!r} (known: {', '.join(KINDS)})")
+    if kind not in PYFUNC_KINDS:
+        raise ValueError(f"no MLflow model for kind {kind!r} (known: {', '.join(PYFUNC_KINDS)})")
+    cls, predict = PYFUNC_KINDS[kind]
     model = load_model(cls, checkpoint).eval()
     x = example_input(kind, model)
     params = PRIOR_PARAMS if kind == "prior" else None

@@ -59,7 +59,7 @@ def predict_prior(model: Prior, labels: np.ndarray, params: Mapping[str, Any]) -
     return sample(model, labels_B, cfg, generator=gen).numpy().astype(np.int64)
 
 
-KINDS: dict[str, tuple[type[nn.Module], Callable[[Any, np.ndarray, Mapping[str, Any]], np.ndarray]]] = {
+PYFUNC_KINDS: dict[str, tuple[type[nn.Module], Callable[[Any, np.ndarray, Mapping[str, Any]], np.ndarray]]] = {
     "sae": (SparseAutoencoder, predict_sae),
     "vqvae": (VQVAE, predict_vqvae),
     "prior": (Prior, predict_prior),
@@ -72,7 +72,7 @@ class GalrayModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.kind = str(context.model_config["kind"])
-        cls, self._predict = KINDS[self.kind]
+        cls, self._predict = PYFUNC_KINDS[self.kind]
         self.model = load_model(cls, Path(context.artifacts[CHECKPOINT_ARTIFACT])).eval()
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: np.ndarray,

@@ -35,8 +35,8 @@ from torch import Tensor
 
 from galray.models.sae import SparseAutoencoder
 
-CFG_NAME = "cfg.json"  # sae_lens.constants.SAE_CFG_FILENAME
-WEIGHTS_NAME = "sae_weights.safetensors"  # sae_lens.constants.SAE_WEIGHTS_FILENAME
+SAE_CFG_NAME = "cfg.json"  # sae_lens.constants.SAE_CFG_FILENAME
+SAE_WEIGHTS_NAME = "sae_weights.safetensors"  # sae_lens.constants.SAE_WEIGHTS_FILENAME
 SPARSITY_NAME = "sparsity.safetensors"  # sae_lens.constants.SPARSITY_FILENAME
 # The cfg.json format written here is SAELens 6's (the "metadata" block); naming the version keeps
 # SAELens from running its pre-6.0 compatibility shim. Checked against SAELens 6.54.12.
@@ -84,7 +84,7 @@ def write_saelens(model: SparseAutoencoder, out: str | Path, dtype: torch.dtype 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.to(dtype).contiguous() for k, v in jumprelu_weights(model).items()}
-    save_file(weights, str(out / WEIGHTS_NAME))
+    save_file(weights, str(out / SAE_WEIGHTS_NAME))
     cfg = {
         "architecture": "jumprelu", "d_in": model.cfg.d_in, "d_sae": model.cfg.n_latents,
         "dtype": str(dtype).removeprefix("torch."), "device": "cpu",
@@ -94,7 +94,7 @@ def write_saelens(model: SparseAutoencoder, out: str | Path, dtype: torch.dtype 
             "training_architecture": "matryoshka_batchtopk", "matryoshka_widths": list(model.cfg.prefix_sizes),
             "k": model.cfg.k, "galray_preset": model.cfg.preset, **(metadata or {})},
     }
-    (out / CFG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / SAE_CFG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
     if sparsity_F is not None:
         if sparsity_F.shape != (model.cfg.n_latents,):
             raise ValueError(f"sparsity has shape {tuple(sparsity_F.shape)}, expected ({model.cfg.n_latents},)")

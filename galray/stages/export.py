@@ -24,7 +24,7 @@ from galray.stages.summary import FieldsSummary
 from galray.storage import StorageConfig
 from galray.tracking import TrackingConfig
 
-FORMATS = {"sae": ("saelens",), "vqvae": ("hf",), "encoder": ("hf",)}
+EXPORT_FORMATS = {"sae": ("saelens",), "vqvae": ("hf",), "encoder": ("hf",)}
 """kind -> the formats it exports to."""
 
 
@@ -35,8 +35,8 @@ class ExportJob:
     kind: Literal["sae", "vqvae", "encoder"] = "sae"
     """What the checkpoint holds."""
     checkpoint: str = ""
-    """Checkpoint folder (config.json + model.safetensors, as `galray train` writes); for an encoder, a
-    weights file (safetensors or tensor-only .pt) of the timm architecture ``model``."""
+    """Checkpoint folder, local or s3:// (config.json + model.safetensors, as `galray train` writes); for an
+    encoder, a local weights file (safetensors or tensor-only .pt) of the timm architecture ``model``."""
     format: Literal["saelens", "hf"] = "saelens"
     """saelens (sae) or hf (encoder, vqvae)."""
     output: str = ""
@@ -52,13 +52,13 @@ class ExportJob:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Where to look up the training run for the model card."""
     storage: StorageConfig = field(default_factory=StorageConfig)
-    """Object-storage settings for ``input``."""
+    """Object-storage settings for ``checkpoint`` and ``input``."""
 
     def __post_init__(self) -> None:
         check(bool(self.checkpoint), "checkpoint", "a checkpoint folder is required")
         check(bool(self.output), "output", "an output folder is required")
-        check(self.format in FORMATS[self.kind], "format",
-              f"{self.kind} exports to {', '.join(FORMATS[self.kind])}, not {self.format}")
+        check(self.format in EXPORT_FORMATS[self.kind], "format",
+              f"{self.kind} exports to {', '.join(EXPORT_FORMATS[self.kind])}, not {self.format}")
         check(self.kind != "encoder" or bool(self.model), "model",
               "an encoder weights file needs its timm architecture, e.g. --model convnext_nano")
         check(self.max_rows > 0, "max_rows", "must be positive")
@@ -112,17 +112,18 @@ def _embedding_batches(job: ExportJob) -> Iterator["Any"]:
                 return
 
 
-def _export_sae(job: ExportJob, folder: Path, out: Path) -> int:
+def _export_sae(job: ExportJob, out: Path) -> int:
     import torch
 
+    from galray.data.checkpoints import read_checkpoint
     from galray.export.saelens import log10_firing_frequency, write_saelens
     from galray.models.checkpoint import load_model
     from galray.models.sae import SparseAutoencoder
 
-    model = load_model(SparseAutoencoder, folder).eval()
+    model = load_model(SparseAutoencoder, read_checkpoint(job.checkpoint, job.storage, "an SAE checkpoint")).eval()
     sparsity, rows = (log10_firing_frequency(model, _embedding_batches(job)) if job.input else (None, 0))
     write_saelens(model, out, dtype=getattr(torch, job.dtype), sparsity_F=sparsity,
-                  metadata={"galray_checkpoint": str(folder)})
+                  metadata={"galray_checkpoint": job.checkpoint})
     return rows
 
 
@@ -136,18 +137,21 @@ def _export_encoder(job: ExportJob, out: Path, training: dict[str, Any] | None) 
 
 def export(job: ExportJob) -> ExportSummary:
     """Write ``job.checkpoint`` in ``job.format`` to ``job.output``."""
+    from galray.data.checkpoints import read_checkpoint
     from galray.export.hf import write_galray_checkpoint
 
-    folder, out = Path(job.checkpoint).expanduser(), Path(job.output).expanduser()
-    if not folder.exists():
-        raise ConfigError("checkpoint", f"{folder} does not exist")
-    training = _training_record(job, folder) if folder.is_dir() else None
+    out = Path(job.output).expanduser()
+    local = Path(job.checkpoint).expanduser()
+    if "://" not in job.checkpoint and not local.exists():
+        raise ConfigError("checkpoint", f"{local} does not exist")
+    training = _training_record(job, local) if local.is_dir() else None
     rows = 0
     if job.kind == "sae":
-        rows = _export_sae(job, folder, out)
+        rows = _export_sae(job, out)
     elif job.kind == "vqvae":
-        write_galray_checkpoint(folder, out, f"galray VQ-VAE ({folder.name})", ["vqvae", "image-tokenizer"],
-                                training)
+        write_galray_checkpoint(read_checkpoint(job.checkpoint, job.storage, "a VQ-VAE checkpoint"), out,
+                                f"galray VQ-VAE ({job.checkpoint.rstrip('/').rsplit('/', 1)[-1]})",
+                                ["vqvae", "image-tokenizer"], training)
     else:
         _export_encoder(job, out, training)
     return ExportSummary(kind=job.kind, to=job.format, output=str(out),

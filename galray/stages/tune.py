@@ -566,8 +566,8 @@ def _record_outputs(p: CampaignPlan, rows: list[dict[str, Any]], curves: dict[st
                 child = Tracker(p.tracking, run_id=runs.get(best["trial"])) if runs.get(best["trial"]) else None
                 if child is not None:
                     child.log_artifact(local / "checkpoint", "checkpoint")
-                    if p.job.register:
-                        child.register("checkpoint", p.tracking.register_model or f"galray-{p.base.kind}")
+                    child.log_model(p.base.kind, local / "checkpoint",
+                                    (p.tracking.register_model or f"galray-{p.base.kind}") if p.job.register else None)
     return results_uri, config_uri, ckpt_uri
 
 

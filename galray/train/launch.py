@@ -20,7 +20,7 @@ On the driver, ``fit``
 6. logs the final checkpoint and ``config.json`` as artifacts, the figures (loss curves from
    the run's metric history, so they span restarts; codebook usage; SAE feature density),
    logs the model as an MLflow pyfunc model with a signature and an input example
-   (:mod:`galray.export.mlflow_model`), registers it and closes the run. The input store is recorded
+   (:meth:`Tracker.log_model`), registers it and closes the run. The input store is recorded
    as the run's input dataset (URI and row count).
 """
 
@@ -62,8 +62,6 @@ def _resolved_params(job: TrainJob, data: PreparedData) -> dict[str, Any]:
 def _log_outputs(job: TrainJob, tracker: Tracker, tracking: TrackingConfig, result: "ray.train.Result",
                  ret: dict[str, Any]) -> None:
     from galray.analysis import figures
-    from galray.export.mlflow_model import log_galray_model
-    from galray.export.pyfunc import KINDS as MLFLOW_MODEL_KINDS
 
     if not tracker.active:
         return
@@ -74,9 +72,7 @@ def _log_outputs(job: TrainJob, tracker: Tracker, tracking: TrackingConfig, resu
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
             tracker.log_artifact(d, "checkpoint")
-            if job.register and job.kind in MLFLOW_MODEL_KINDS:
-                log_galray_model(job.kind, d, tracking.resolved_uri(), tracker.run_id,
-                                 registered_name=tracking.register_model or f"galray-{job.kind}")
+            tracker.log_model(job.kind, d, (tracking.register_model or f"galray-{job.kind}") if job.register else None)
     series = metric_series(tracking, tracker.run_id, job.loop.CURVES)
     if series:
         tracker.log_figure(figures.loss_curves(series, title=f"{job.kind} {job.name}"), "loss_curves.png")
@@ -88,8 +84,6 @@ def _log_outputs(job: TrainJob, tracker: Tracker, tracking: TrackingConfig, resu
                                                    n_latents=data.get("n_latents"),
                                                    n_samples=data.get("n_samples")),
                            "feature_density.png")
-    if job.register and result.checkpoint is not None and job.kind not in MLFLOW_MODEL_KINDS:
-        tracker.register("checkpoint", tracking.register_model or f"galray-{job.kind}")
 
 
 # --- fit -------------------------------------------------------------------------------------------
