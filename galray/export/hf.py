@@ -6,9 +6,9 @@ and a model card ``README.md`` (YAML front matter, then the model, training conf
   ``timm.create_model("local-dir:DIR", pretrained=True)``, ``timm.create_model(ARCH, pretrained=True,
   pretrained_cfg_overlay=dict(file="DIR/model.safetensors"))``, the hub after an upload, and
   ``galray embed --model local-dir:DIR`` all load it (the way Zoobot shares its encoders).
-- A VQ-VAE keeps galray's checkpoint files (read from a local folder or S3), which are already this layout (``config.json`` naming the
-  class and its config, ``model.safetensors``): ``galray embed --model local-dir:DIR`` and
-  ``galray.models.checkpoint.load_model(VQVAE, DIR)`` load it.
+- A VQ-VAE keeps galray's checkpoint files (read from a local folder or S3), which are already this
+  layout (``config.json`` naming the class and its config, ``model.safetensors``):
+  ``galray embed --model local-dir:DIR`` and ``galray.models.checkpoint.load_model(VQVAE, DIR)`` load it.
 
 Pure torch + timm: the card's training facts come in as a dict (the stage reads them from MLflow).
 """
