@@ -93,7 +93,7 @@ def _training_record(job: ExportJob, folder: Path) -> dict[str, Any] | None:
     return run_record(job.tracking.resolved(), run_id) if run_id else None
 
 
-def _embedding_batches(job: ExportJob) -> Iterator["Any"]:
+def _embedding_batches(job: ExportJob) -> Iterator[Any]:
     """Raw embeddings (B, D) float32 tensors from the first shards of ``job.input``, up to ``max_rows``."""
     import pyarrow.parquet as pq
     import torch
