@@ -170,7 +170,8 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
         Models: any timm name (pretrained from the hub when online), hf_hub:owner/repo,
         local-dir:/path/to/hub_copy, Zoobot encoders (hf_hub:mwalmsley/zoobot-encoder-convnext_nano),
         the Euclid MAE ViT (mwalmsley/euclid_encoder_mae_zoobot_vit_small_patch8_224), or galray's
-        VQ-VAE encoder (vqvae:/path/to/checkpoint_dir). --weights loads a local safetensors file or a
+        VQ-VAE encoder (vqvae:/path/to/checkpoint_dir), galray's own encoder (encoder:/path/to/checkpoint_dir,
+        from `galray train encoder`). --weights loads a local safetensors file or a
         tensor-only .pt; a pickle that would run code is refused.
         The run is recorded in MLflow (settings, rows done and rows/s as it goes, the summary);
         --no-tracking turns that off.
@@ -290,11 +291,15 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
         TRACKING_URI,
         Flag("--no-tracking", "tracking.enabled", "do not log the page to MLflow", const=False))),
     Verb("train", "galray.train.launch", "TrainJob", "fit",
-         "train the SAE, VQ-VAE or prior data-parallel with Ray Train, tracked in MLflow", _d("""
+         "train the SAE, VQ-VAE, prior or encoder data-parallel with Ray Train, tracked in MLflow", _d("""
         Data-parallel training (Ray Train TorchTrainer, DDP: gloo on CPU, NCCL on GPU) of
           sae    a Matryoshka BatchTopK SAE on an embedding store (`galray embed`)
           vqvae  a VQ-VAE on a cutout store
           prior  a class-conditional transformer prior on a code store (`galray encode`)
+          encoder  galray's own encoder (a timm backbone) on a cutout store: self-supervised
+                 (SimCLR, rotation/flip/blur/colour/noise views) or fine-tuned on a label or
+                 vote columns (--set encoder.train.mode=finetune); presets convnext_nano,
+                 vit_small, pico (--set encoder.preset=pico); embed with --model encoder:CKPT
         --batch-size is per worker: the global batch is batch_size x workers (the learning rate
         is scaled with it only with --set scale_lr=true). Objects go to the validation split by
         crc32(object_id) (--set val_fraction=0.05). Checkpoints (model, optimizer, step, config;

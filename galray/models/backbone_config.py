@@ -13,6 +13,7 @@ from typing import Literal
 from galray.config import ConfigError, check
 
 VQVAE_PREFIX = "vqvae:"
+ENCODER_PREFIX = "encoder:"
 
 
 class BackboneError(ConfigError):
@@ -24,7 +25,8 @@ class BackboneConfig:
     """Which backbone to embed with, and where its weights come from."""
 
     name: str = ""
-    """timm model name, ``hf_hub:owner/repo``, ``local-dir:/path``, a Zoobot/Euclid hub repo, or ``vqvae:/dir``."""
+    """timm model name, ``hf_hub:owner/repo``, ``local-dir:/path``, a Zoobot/Euclid hub repo, ``vqvae:/dir``
+    or ``encoder:/dir`` (a `galray train encoder` checkpoint folder)."""
     weights: str | None = None
     """Local weights file (safetensors, or a tensor-only .pt/.bin); overrides ``pretrained``."""
     pretrained: bool = True
@@ -37,5 +39,6 @@ class BackboneConfig:
     def __post_init__(self) -> None:
         check(bool(self.name.strip()), "name", "a backbone name is required, e.g. convnext_nano")
         check(self.input_size is None or self.input_size >= 8, "input_size", "must be at least 8 pixels")
-        if self.name.startswith(VQVAE_PREFIX):
-            check(len(self.name) > len(VQVAE_PREFIX), "name", "vqvae: needs a checkpoint folder, vqvae:/path/to/dir")
+        for prefix in (VQVAE_PREFIX, ENCODER_PREFIX):
+            if self.name.startswith(prefix):
+                check(len(self.name) > len(prefix), "name", f"{prefix} needs a checkpoint folder, {prefix}/path/to/dir")

@@ -11,7 +11,10 @@ Names that :func:`create_backbone` understands:
 - ``mwalmsley/euclid_encoder_mae_zoobot_vit_small_patch8_224``: the Euclid MAE ViT-S/8 (384-d). Its
   architecture, ``zoobot_vit_small_patch8_224``, is registered here so timm can build it
   (mean-pooled patch tokens, as in Walmsley's feature export scripts);
-- ``vqvae:/path/to/checkpoint_dir``: galray's own VQ-VAE encoder, pooled latents (``VQVAE.embed``).
+- ``vqvae:/path/to/checkpoint_dir``: galray's own VQ-VAE encoder, pooled latents (``VQVAE.embed``);
+- ``encoder:/path/to/checkpoint_dir``: galray's own encoder (`galray train encoder`,
+  :mod:`galray.models.encoder`): its D4-averaged backbone features, with its own per-image input
+  normalisation (so the embed stage feeds it plain [0, 1] pixels).
 
 Zoobot-family encoders (anything from ``mwalmsley/`` or a ``zoobot_`` architecture) take images in
 [0, 1] with no ImageNet normalisation (Walmsley et al. 2023, Zoobot docs); other timm models use
@@ -39,7 +42,7 @@ import torch
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from galray.models.backbone_config import VQVAE_PREFIX, BackboneConfig, BackboneError
+from galray.models.backbone_config import ENCODER_PREFIX, VQVAE_PREFIX, BackboneConfig, BackboneError
 
 __all__ = ["Backbone", "BackboneConfig", "BackboneError", "Preprocessing", "UnsafeWeightsError", "create_backbone",
            "embedding_dim", "file_sha256", "load_weights_file", "load_weights_into", "to_model_input"]
@@ -48,6 +51,7 @@ HF_PREFIXES = ("hf_hub:", "hf-hub:")
 LOCAL_DIR_PREFIX = "local-dir:"
 EUCLID_MAE_REPO = "mwalmsley/euclid_encoder_mae_zoobot_vit_small_patch8_224"
 EUCLID_MAE_ARCH = "zoobot_vit_small_patch8_224"
+PICO_ARCH = "galray_convnext_pico"
 # Checkpoint dicts often nest the state dict under one of these keys (Lightning, DeiT, timm train.py).
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module", "state_dict_ema")
 # Prefixes that wrappers add to parameter names (DDP, Lightning modules, torch.compile, Zoobot's encoder).
@@ -91,10 +95,14 @@ class Backbone:
 # --- the Euclid MAE ViT ---------------------------------------------------------------------------
 
 # timm reads ``default_cfgs`` of the module that registers a model: the hub source of the MAE weights,
-# and Zoobot's plain [0, 1] input (mean 0, std 1).
-default_cfgs = generate_default_cfgs({f"{EUCLID_MAE_ARCH}.euclid_mae": dict(
-    hf_hub_id=EUCLID_MAE_REPO, input_size=(3, 224, 224), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-    num_classes=0, interpolation="bilinear", crop_pct=1.0, license="apache-2.0")})
+# and Zoobot's plain [0, 1] input (mean 0, std 1); galray's pico ConvNeXt has no hub weights and
+# takes plain [0, 1] input too.
+default_cfgs = generate_default_cfgs({
+    f"{EUCLID_MAE_ARCH}.euclid_mae": dict(
+        hf_hub_id=EUCLID_MAE_REPO, input_size=(3, 224, 224), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+        num_classes=0, interpolation="bilinear", crop_pct=1.0, license="apache-2.0"),
+    f"{PICO_ARCH}.untrained": dict(input_size=(3, 32, 32), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), num_classes=0,
+                                   crop_pct=1.0)})
 
 
 def zoobot_vit_small_patch8_224(pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -111,8 +119,25 @@ def zoobot_vit_small_patch8_224(pretrained: bool = False, **kwargs: Any) -> nn.M
     return _create_vision_transformer(EUCLID_MAE_ARCH, pretrained=pretrained, **{**args, **kwargs})
 
 
-if not timm.is_model(EUCLID_MAE_ARCH):  # importing twice (or a user's own registration) must not clash
+def galray_convnext_pico(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ConvNeXt with depths (1, 1, 2, 1) and widths (32, 64, 128, 256): 1.2 M parameters, 256-d features.
+
+    galray's CPU-sized encoder backbone (:mod:`galray.models.encoder`'s ``pico`` preset): small enough
+    to train self-supervised on 2 CPU cores in minutes at 32 px (the demo's and the benchmark's
+    encoder). Registered with timm so ``galray embed --model galray_convnext_pico --weights
+    backbone.safetensors`` builds it by name. No pretrained weights exist.
+    """
+    from timm.models.convnext import _create_convnext
+
+    args = dict(depths=(1, 1, 2, 1), dims=(32, 64, 128, 256))
+    return _create_convnext(PICO_ARCH, pretrained=pretrained, **{**args, **kwargs})
+
+
+# Importing twice (or a user's own registration) must not clash.
+if not timm.is_model(EUCLID_MAE_ARCH):
     register_model(zoobot_vit_small_patch8_224)
+if not timm.is_model(PICO_ARCH):
+    register_model(galray_convnext_pico)
 
 
 # --- safe weights ---------------------------------------------------------------------------------
@@ -335,10 +360,31 @@ def _create_vqvae(cfg: BackboneConfig, folder: Path) -> Backbone:
                     weights_id=f"sha256:{file_sha256(folder / WEIGHTS_NAME)}")
 
 
+def _create_encoder(cfg: BackboneConfig) -> Backbone:
+    from galray.models.checkpoint import WEIGHTS_NAME, load_model
+    from galray.models.encoder import SurveyEncoder, SurveyEncoderEmbedder
+
+    folder = Path(cfg.name[len(ENCODER_PREFIX):]).expanduser()
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise BackboneError("model", f"{folder} is not an encoder checkpoint folder (no {WEIGHTS_NAME})")
+    try:
+        encoder = load_model(SurveyEncoder, folder).eval()
+    except ValueError as err:
+        raise BackboneError("model", str(err)) from None
+    # The encoder normalises each image itself: it takes plain [0, 1] pixels.
+    prep = Preprocessing(input_size=cfg.input_size or encoder.cfg.image_size, in_chans=encoder.cfg.in_channels,
+                         mean=None, std=None)
+    return Backbone(model=SurveyEncoderEmbedder(encoder), name=cfg.name, preprocessing=prep,
+                    weights_id=f"sha256:{file_sha256(folder / WEIGHTS_NAME)}")
+
+
 def create_backbone(cfg: BackboneConfig) -> Backbone:
     """Build the headless backbone named by ``cfg`` (in eval mode, on CPU)."""
-    folder = _galray_vqvae_folder(cfg)
-    backbone = _create_vqvae(cfg, folder) if folder is not None else _create_timm(cfg)
+    if cfg.name.startswith(ENCODER_PREFIX):
+        backbone = _create_encoder(cfg)
+    else:
+        folder = _galray_vqvae_folder(cfg)
+        backbone = _create_vqvae(cfg, folder) if folder is not None else _create_timm(cfg)
     backbone.model.eval()
     return backbone
 

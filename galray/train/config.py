@@ -25,21 +25,26 @@ from typing import Any, ClassVar, Literal, get_args, get_type_hints
 # _convert: from_dict's per-value conversion. Presets are dataclass instances, and a preset plus
 # overrides is built by replacing fields; a round trip through a dict would convert every field.
 from galray.config import ConfigError, T, _convert, check
+from galray.models.encoder import ENCODER_PRESETS
+from galray.models.encoder import EncoderConfig, encoder_preset
 from galray.models.prior import PriorConfig
 from galray.models.sae import PRESETS as SAE_PRESETS
 from galray.models.sae import SAEConfig, sae_preset
 from galray.models.vqvae import VQVAEConfig
 from galray.storage import StorageConfig
 from galray.tracking import TrackingConfig
-from galray.train import prior_loop, sae_loop, vqvae_loop
+from galray.train import encoder_loop, prior_loop, sae_loop, vqvae_loop
+from galray.train.encoder_loop import EncoderTrainConfig
 from galray.train.loop import Loop
 from galray.train.prior_loop import PriorTrainConfig
 from galray.train.sae_loop import SAETrainConfig, sae_train_preset
 from galray.train.vqvae_loop import VQVAETrainConfig
 
-Kind = Literal["sae", "vqvae", "prior"]
-KINDS: dict[str, Loop] = {"sae": sae_loop, "vqvae": vqvae_loop, "prior": prior_loop}
+Kind = Literal["sae", "vqvae", "prior", "encoder"]
+KINDS: dict[str, Loop] = {"sae": sae_loop, "vqvae": vqvae_loop, "prior": prior_loop, "encoder": encoder_loop}
 assert set(KINDS) == set(get_args(Kind)), "every kind has a loop module and a TrainJob section"
+EncoderPreset = Literal["convnext_nano", "vit_small", "pico"]
+assert set(get_args(EncoderPreset)) == set(ENCODER_PRESETS), "the section offers every encoder preset"
 
 
 @dataclass(frozen=True)
@@ -135,13 +140,63 @@ class PriorSection:
 
 
 @dataclass(frozen=True)
+class EncoderSection:
+    """galray's own encoder (galray.models.encoder): a preset plus overrides, self-supervised or fine-tuned."""
+
+    preset: EncoderPreset = "convnext_nano"
+    """Starting architecture: convnext_nano (64 px), vit_small (ViT-S/8 at 64 px) or pico (a 1.4 M-parameter
+    ConvNeXt at 32 px, for CPUs)."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """EncoderConfig fields overriding the preset, e.g. {backbone: resnet18, image_size: 48}. Fine-tuning
+    drops the projector (proj_dim 0) unless proj_dim is given."""
+    train: EncoderTrainConfig = field(default_factory=EncoderTrainConfig)
+    """Optimisation: mode (selfsup or finetune), lr, temperature, augment, ...; steps and log_every
+    come from the job's top level."""
+    init_from: str | None = None
+    """Checkpoint folder (local or s3://) whose weights start the run where names and shapes match,
+    e.g. a self-supervised encoder to fine-tune; null: random initialisation."""
+    label_column: str = "label"
+    """Fine-tuning on classes: the cutout store's integer class column (-1: unlabelled, ignored)."""
+    vote_columns: tuple[str, ...] = ()
+    """Fine-tuning on votes: the store's vote-count columns, question by question in the order of
+    model.vote_groups (answers per question)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", _convert_fields(EncoderConfig, self.model, "model"))
+        self.model_config()
+
+    def model_config(self) -> EncoderConfig:
+        model = dict(self.model)
+        finetune = self.train.mode == "finetune"
+        if finetune:
+            model.setdefault("proj_dim", 0)
+        cfg = _override(encoder_preset(self.preset), model, "model")
+        if finetune:
+            check(cfg.head_outputs > 0, "model.num_classes", "fine-tuning needs a head: set model.num_classes "
+                                                              "(classes) or model.vote_groups (votes)")
+            check(cfg.proj_dim == 0, "model.proj_dim", "must be 0 when fine-tuning (the projector would get no "
+                                                       "gradient)")
+            check(not cfg.vote_groups or len(self.vote_columns) == sum(cfg.vote_groups), "vote_columns",
+                  f"needs one column per answer: {sum(cfg.vote_groups)} for vote_groups {list(cfg.vote_groups)}")
+        else:
+            check(cfg.head_outputs == 0, "model.num_classes", "self-supervised training has no head: set it to 0 "
+                                                              "(or train.mode to finetune)")
+            check(cfg.proj_dim > 0, "model.proj_dim", "self-supervised training needs a projector")
+        return cfg
+
+    def train_config(self) -> EncoderTrainConfig:
+        return self.train
+
+
+@dataclass(frozen=True)
 class TrainJob:
     """One training run: what to train, on which data, where its checkpoints and records go."""
 
     RENAMED: ClassVar[dict[str, str]] = {"data": "input"}  # keys of the previous release, still read
 
     kind: Kind
-    """sae (on an embedding store), vqvae (on a cutout store) or prior (on a code store from `galray encode`)."""
+    """sae (on an embedding store), vqvae or encoder (on a cutout store) or prior (on a code store from
+    `galray encode`)."""
     input: str
     """Input store URI: local folder, file:// or s3://bucket/prefix."""
     name: str
@@ -181,6 +236,8 @@ class TrainJob:
     """Used when kind is vqvae."""
     prior: PriorSection = field(default_factory=PriorSection)
     """Used when kind is prior."""
+    encoder: EncoderSection = field(default_factory=EncoderSection)
+    """Used when kind is encoder."""
     scaling: ScalingSection = field(default_factory=ScalingSection)
     """Workers and their resources."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -220,7 +277,7 @@ class TrainJob:
         """The loop module of this kind (galray.train.loop's face)."""
         return KINDS[self.kind]
 
-    def train_config(self) -> SAETrainConfig | VQVAETrainConfig | PriorTrainConfig:
+    def train_config(self) -> SAETrainConfig | VQVAETrainConfig | PriorTrainConfig | EncoderTrainConfig:
         """The kind's loop config as the workers use it: the job's steps, per-worker batch size and
         logging interval where the loop config has such fields, and the learning rate scaled."""
         cfg = getattr(self, self.kind).train_config()

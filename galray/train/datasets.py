@@ -9,7 +9,10 @@ the same object is always on the same side, whatever the shard layout), as the b
 - ``vqvae``: a cutout store -> ``{"pixels": (N, C, S, S)}``, the preprocessing of `galray embed` and
   `galray encode` (:mod:`galray.data.preprocess`) at the VQ-VAE's size;
 - ``prior``: a code store -> ``{"codes": (N, T) int64, "label": (N,) int64}``, checked against the
-  prior's sequence length, vocabulary and classes first.
+  prior's sequence length, vocabulary and classes first;
+- ``encoder``: a cutout store -> ``{"pixels": (N, C, S, S)}`` like the VQ-VAE's, plus ``"label"``
+  (N,) int64 or ``"votes"`` (N, A) float32 when fine-tuning; the driver loads ``encoder.init_from``'s
+  weights (where names and shapes match the model) as the state every rank starts from.
 
 The batch functions run in Ray Data tasks; Ray is imported inside functions.
 """
@@ -30,6 +33,7 @@ from galray.data.preprocess import ImagePlan, plan_for, prepare_image
 from galray.data.shards import ID_COLUMN, read_metadata
 from galray.data.split import is_val
 from galray.data.stores import CODES_COLUMN, EMBEDDING_COLUMN, LABEL_COLUMN, list_column_values
+from galray.models.encoder import EncoderConfig
 from galray.models.prior import PriorConfig
 from galray.models.sae import SAEConfig
 from galray.models.vqvae import VQVAEConfig
@@ -39,7 +43,7 @@ from galray.train.config import TrainJob
 if TYPE_CHECKING:
     import ray.data  # noqa: F401 (the Splits annotation)
 
-ModelConfig = SAEConfig | VQVAEConfig | PriorConfig
+ModelConfig = SAEConfig | VQVAEConfig | PriorConfig | EncoderConfig
 Splits = dict[str, "ray.data.Dataset"]
 
 
@@ -78,21 +82,44 @@ def prior_batch(table: pa.Table, split: str, val_fraction: float, num_classes: i
     return {"codes": codes, "label": np.where(labels < 0, num_classes, labels)}
 
 
+def _pixels(batch: dict[str, np.ndarray], split: str, val_fraction: float, plan: ImagePlan
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels (N, C, S, S), the rows they come from): the split's rows whose image can be used
+    (a CutoutError leaves the row out), with `galray embed`'s preprocessing."""
+    keep = np.flatnonzero(_keep(list(batch[ID_COLUMN]), split, val_fraction))
+    images = batch[plan.column]
+    out, rows = [], []
+    for i in keep:
+        try:
+            out.append(prepare_image(images[i], plan))
+            rows.append(i)
+        except CutoutError:
+            pass
+    shape = (0, plan.in_chans, plan.size, plan.size)
+    return (np.stack(out) if out else np.zeros(shape, plan.pixel_dtype)), np.asarray(rows, dtype=np.int64)
+
+
 def vqvae_batch(batch: dict[str, np.ndarray], split: str, val_fraction: float, plan: ImagePlan
                 ) -> dict[str, np.ndarray]:
     """Cutout rows -> {"pixels": (N, C, S, S)}: `galray embed`'s preprocessing at the VQ-VAE's size.
     Rows whose image cannot be used (CutoutError) are left out."""
+    return {"pixels": _pixels(batch, split, val_fraction, plan)[0]}
 
-    keep = np.flatnonzero(_keep(list(batch[ID_COLUMN]), split, val_fraction))
-    images = batch[plan.column]
-    out = []
-    for i in keep:
-        try:
-            out.append(prepare_image(images[i], plan))
-        except CutoutError:
-            pass
-    shape = (0, plan.in_chans, plan.size, plan.size)
-    return {"pixels": np.stack(out) if out else np.zeros(shape, plan.pixel_dtype)}
+
+def encoder_batch(batch: dict[str, np.ndarray], split: str, val_fraction: float, plan: ImagePlan,
+                  label_column: str | None = None, vote_columns: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Cutout rows -> {"pixels"}, plus {"label": (N,) int64} (missing labels: -1) or
+    {"votes": (N, A) float32} (missing counts: 0) for fine-tuning."""
+    pixels, rows = _pixels(batch, split, val_fraction, plan)
+    out = {"pixels": pixels}
+    if label_column:
+        label = np.asarray(batch[label_column], dtype=np.float64)[rows]
+        out["label"] = np.where(np.isfinite(label), label, -1).astype(np.int64)
+    if vote_columns:
+        votes = np.stack([np.asarray(batch[c], dtype=np.float64)[rows] for c in vote_columns], 1) if len(rows) else \
+            np.zeros((0, len(vote_columns)))
+        out["votes"] = np.where(np.isfinite(votes), np.maximum(votes, 0), 0).astype(np.float32)
+    return out
 
 
 # --- driver-side preparation per kind --------------------------------------------------------------
@@ -136,10 +163,9 @@ def _sae_init(job: TrainJob, storage: StorageConfig) -> tuple[SAEConfig, dict[st
     return cfg, {k: state[k].numpy() for k in names}
 
 
-def _image_plan(job: TrainJob, storage: StorageConfig) -> ImagePlan:
+def _image_plan(job: TrainJob, storage: StorageConfig, image_size: int, in_channels: int) -> ImagePlan:
     fs, paths = _shards(job, storage)
-    m = job.vqvae.model
-    return plan_for(read_schema(fs, paths[0]), m.image_size, m.in_channels)
+    return plan_for(read_schema(fs, paths[0]), image_size, in_channels)
 
 
 def _check_codes(job: TrainJob, storage: StorageConfig) -> None:
@@ -206,15 +232,61 @@ def _prior_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelCon
 def _vqvae_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelConfig, dict[str, np.ndarray]]:
     from galray.data.store import read_store
 
-    plan = _image_plan(job, storage)
+    m = job.vqvae.model
+    plan = _image_plan(job, storage, m.image_size, m.in_channels)
     ds = read_store(job.input, storage, columns=[ID_COLUMN, plan.column])
     return ({split: ds.map_batches(vqvae_batch, fn_kwargs={
         "split": split, "val_fraction": job.val_fraction, "plan": plan}, batch_format="numpy")
         for split in ("train", "val")}, job.vqvae.model, {})
 
 
+def _encoder_init(job: TrainJob, cfg: EncoderConfig, storage: StorageConfig) -> dict[str, np.ndarray]:
+    """The weights of ``encoder.init_from`` whose names and shapes match the model ({} without one);
+    a checkpoint sharing no backbone weight with the model fails naming the field."""
+    if not job.encoder.init_from:
+        return {}
+    import torch
+    from safetensors.torch import load as load_safetensors
+
+    from galray.models.checkpoint import WEIGHTS_NAME
+    from galray.models.encoder import SurveyEncoder
+    from galray.storage import join, read_bytes
+
+    uri = job.encoder.init_from
+    try:
+        state = load_safetensors(read_bytes(join(uri, WEIGHTS_NAME), storage))
+    except (FileNotFoundError, OSError) as err:
+        raise ConfigError("encoder.init_from", f"cannot read {join(uri, WEIGHTS_NAME)}: {err}") from None
+    with torch.device("meta"):  # shapes only, no memory or init time
+        wanted = SurveyEncoder(cfg).state_dict()
+    keep = {k: v.numpy() for k, v in state.items() if k in wanted and tuple(v.shape) == tuple(wanted[k].shape)}
+    if not any(k.startswith("backbone.") for k in keep):
+        raise ConfigError("encoder.init_from", f"{uri} shares no backbone weight with a {cfg.backbone} encoder")
+    return keep
+
+
+def _encoder_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelConfig, dict[str, np.ndarray]]:
+    from galray.data.store import read_store
+
+    cfg, section = job.encoder.model_config(), job.encoder
+    plan = _image_plan(job, storage, cfg.image_size, cfg.in_channels)
+    label_column = section.label_column if section.train.mode == "finetune" and cfg.num_classes else None
+    vote_columns = tuple(section.vote_columns) if section.train.mode == "finetune" and cfg.vote_groups else ()
+    fs, paths = _shards(job, storage)
+    names = read_schema(fs, paths[0]).names
+    for name, column in [("label_column", label_column)] + [("vote_columns", c) for c in vote_columns]:
+        if column and column not in names:
+            raise ConfigError(f"encoder.{name}", f"{job.input} has no column {column!r} (columns: {', '.join(names)})")
+    ds = read_store(job.input, storage, columns=[ID_COLUMN, plan.column, *([label_column] if label_column else []),
+                                                 *vote_columns])
+    return ({split: ds.map_batches(encoder_batch, fn_kwargs={
+        "split": split, "val_fraction": job.val_fraction, "plan": plan, "label_column": label_column,
+        "vote_columns": vote_columns}, batch_format="numpy") for split in ("train", "val")},
+        cfg, _encoder_init(job, cfg, storage))
+
+
 BUILDERS: dict[str, Callable[[TrainJob, StorageConfig], tuple[Splits, ModelConfig, dict[str, np.ndarray]]]] = {
-    "sae": _sae_data, "vqvae": _vqvae_data, "prior": _prior_data}
+    "sae": _sae_data, "vqvae": _vqvae_data, "prior": _prior_data, "encoder": _encoder_data}
 
 # The job keys each kind's builder reads ("*": every kind): a hyperparameter campaign reads its data
 # once for all trials, so these cannot be searched (galray.train.tune_space).
