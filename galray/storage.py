@@ -270,11 +270,7 @@ def write_text(uri: str, text: str, cfg: StorageConfig | None = None) -> None:
         f.write(text.encode())
 
 
-def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
+def read_text(uri: str, cfg: StorageConfig | None = None) -> str:
     fs, path = arrow_filesystem(uri, cfg)
     with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def read_text(uri: str, cfg: StorageConfig | None = None) -> str:
-    return read_bytes(uri, cfg).decode()
+        return f.read().decode()

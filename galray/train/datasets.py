@@ -248,15 +248,11 @@ def _encoder_init(job: TrainJob, cfg: EncoderConfig, storage: StorageConfig) -> 
     import torch
     from safetensors.torch import load as load_safetensors
 
-    from galray.models.checkpoint import WEIGHTS_NAME
+    from galray.data.checkpoints import read_checkpoint
     from galray.models.encoder import SurveyEncoder
-    from galray.storage import join, read_bytes
 
     uri = job.encoder.init_from
-    try:
-        state = load_safetensors(read_bytes(join(uri, WEIGHTS_NAME), storage))
-    except (FileNotFoundError, OSError) as err:
-        raise ConfigError("encoder.init_from", f"cannot read {join(uri, WEIGHTS_NAME)}: {err}") from None
+    state = load_safetensors(read_checkpoint(uri, storage, "an encoder checkpoint").weights)
     with torch.device("meta"):  # shapes only, no memory or init time
         wanted = SurveyEncoder(cfg).state_dict()
     keep = {k: v.numpy() for k, v in state.items() if k in wanted and tuple(v.shape) == tuple(wanted[k].shape)}
@@ -294,14 +290,17 @@ DATA_KEYS: dict[str, tuple[str, ...]] = {
     "*": ("input", "val_fraction", "materialize"),
     "sae": ("sae.norm_samples", "sae.model.d_in"),
     "vqvae": ("vqvae.model.image_size", "vqvae.model.in_channels"),
-    "prior": ("prior.model.num_classes", "prior.model.seq_len", "prior.model.vocab_size")}
+    "prior": ("prior.model.num_classes", "prior.model.seq_len", "prior.model.vocab_size"),
+    "encoder": ("encoder.model.image_size", "encoder.model.in_channels", "encoder.train.mode", "encoder.label_column",
+                "encoder.vote_columns", "encoder.init_from")}
 
 # The model config of a job whose data is the same as that of the job whose builder returned ``built``
 # (a campaign builds the data once, with the base job, and varies the model per trial).
 MODEL_CONFIGS: dict[str, Callable[[TrainJob, ModelConfig], ModelConfig]] = {
     "sae": lambda job, built: job.sae.model_config(built.d_in),
     "vqvae": lambda job, built: job.vqvae.model,
-    "prior": lambda job, built: job.prior.model}
+    "prior": lambda job, built: job.prior.model,
+    "encoder": lambda job, built: job.encoder.model_config()}
 assert set(BUILDERS) == set(DATA_KEYS) - {"*"} == set(MODEL_CONFIGS), \
     "every kind has a builder, data keys and a model config"
 
