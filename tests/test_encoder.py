@@ -155,6 +155,20 @@ def test_job_config_names_the_bad_field():
     assert job.encoder.model_config().proj_dim == 0 and job.train_config().mode == "finetune"
 
 
+
+def test_tune_plans_an_encoder_campaign_on_its_validation_loss(tmp_path):
+    from galray.stages.tune import TuneJob, plan
+
+    job = {"kind": "encoder", "input": "/tmp/nowhere", "name": "e", "storage_path": str(tmp_path),
+           "scaling": {"num_workers": 1}, "encoder": {"preset": "pico"},
+           "tune": {"space": {"encoder.train.temperature": {"grid": [0.1, 0.2]}, "encoder.train.lr": {
+               "loguniform": [1e-4, 1e-2]}}, "trials": 4}}
+    p = plan(from_dict(TuneJob, job))
+    assert (p.metric, p.mode, p.trials) == ("val_loss", "min", 4)
+    with pytest.raises(ConfigError) as err:  # the data is built once per campaign: its keys are not searchable
+        plan(from_dict(TuneJob, {**job, "tune": {"space": {"encoder.model.image_size": {"grid": [32, 64]}}}}))
+    assert "image_size" in str(err.value)
+
 # --- `galray train encoder` with Ray Train ---------------------------------------------------------
 
 def _store(uri: Path, n: int = 96, size: int = 32) -> None:
@@ -169,6 +183,7 @@ def _store(uri: Path, n: int = 96, size: int = 32) -> None:
                                ImageSpec(shape=(size, size, 3))), fs, f"{root}/{shard_name(s)}")
 
 
+@pytest.mark.timeout(1800)  # two Ray Train runs: about a minute on an idle 2-core box, far more on a shared one
 def test_train_selfsup_two_workers_then_finetune_from_it(ray_session, tmp_path, monkeypatch):
     import mlflow
 
