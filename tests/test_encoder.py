@@ -1,11 +1,9 @@
 """galray's own encoder: views, losses, invariance, freezing, overfitting a batch, checkpoints and the
-embed backbones that load them, the job config; one real 2-worker `galray train encoder` run
-(self-supervised), then fine-tuning from its checkpoint."""
+embed backbones that load them, the job config and a tune plan."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,55 +166,3 @@ def test_tune_plans_an_encoder_campaign_on_its_validation_loss(tmp_path):
     with pytest.raises(ConfigError) as err:  # the data is built once per campaign: its keys are not searchable
         plan(from_dict(TuneJob, {**job, "tune": {"space": {"encoder.model.image_size": {"grid": [32, 64]}}}}))
     assert "image_size" in str(err.value)
-
-# --- `galray train encoder` with Ray Train ---------------------------------------------------------
-
-def _store(uri: Path, n: int = 96, size: int = 32) -> None:
-    from galray.data.galsim_survey import SimConfig, render_batch
-    from galray.data.shards import ImageSpec, make_table, shard_name, write_table
-    from galray.storage import arrow_filesystem
-
-    fs, root = arrow_filesystem(str(uri))
-    for s in range(2):
-        b = render_batch(range(s * n, (s + 1) * n), SimConfig(size=size))
-        write_table(make_table({"object_id": b["object_id"], "image": b["image"], "label": b["label"]},
-                               ImageSpec(shape=(size, size, 3))), fs, f"{root}/{shard_name(s)}")
-
-
-@pytest.mark.timeout(1800)  # two Ray Train runs: about a minute on an idle 2-core box, far more on a shared one
-def test_train_selfsup_two_workers_then_finetune_from_it(ray_session, tmp_path, monkeypatch):
-    import mlflow
-
-    from galray.models.backbones import BackboneConfig, create_backbone
-    from galray.train.launch import fit
-
-    monkeypatch.chdir(tmp_path)  # MLflow's local artifact root
-    _store(tmp_path / "cutouts")
-    tracking = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "test-encoder"}
-    base = {"kind": "encoder", "input": str(tmp_path / "cutouts"), "storage_path": str(tmp_path / "runs"),
-            "batch_size": 16, "log_every": 1, "materialize": True, "val_fraction": 0.15, "tracking": tracking,
-            "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}}
-    model = {k: v for k, v in TINY.items() if k != "backbone"}
-    s = fit(from_dict(TrainJob, {**base, "name": "ssl", "steps": 12, "checkpoint_every": 6, "encoder": {
-        "preset": "pico", "model": model, "train": {"lr": 3e-3, "warmup_steps": 2}}}))
-    assert s.step == 12 and s.replica_max_diff == 0.0
-    ckpt = tmp_path / "runs" / "ssl" / "step-00000012"
-    assert {"config.json", "model.safetensors", BACKBONE_WEIGHTS_NAME, "train_state.pt"} <= {
-        p.name for p in ckpt.iterdir()}
-    loss = [m.value for m in sorted(mlflow.MlflowClient(tracking["uri"]).get_metric_history(s.mlflow_run_id, "loss"),
-                                    key=lambda m: m.step)]
-    assert np.mean(loss[-3:]) < np.mean(loss[:3]), loss
-    assert "val_loss" in s.eval and "val_top1" in s.eval
-    bb = create_backbone(BackboneConfig(name=f"encoder:{ckpt}"))
-    assert bb.preprocessing.input_size == 32 and bb.preprocessing.mean is None
-
-    # Fine-tune on the store's class labels from the self-supervised weights, backbone frozen.
-    ft = fit(from_dict(TrainJob, {**base, "name": "ft", "steps": 4, "checkpoint_every": 4, "scaling": {
-        "num_workers": 1, "cpus_per_worker": 0.5}, "encoder": {
-        "preset": "pico", "init_from": str(ckpt), "model": {**model, "num_classes": 10, "finetune_blocks": 0},
-        "train": {"mode": "finetune"}}}))
-    tuned = load_model(SurveyEncoder, tmp_path / "runs" / "ft" / "step-00000004")
-    ssl = load_model(SurveyEncoder, ckpt)
-    for (name, a), b in zip(ssl.backbone.state_dict().items(), tuned.backbone.state_dict().values()):
-        torch.testing.assert_close(a, b, msg=name)  # started from the SSL weights, and frozen
-    assert "val_acc" in ft.eval and tuned.head is not None and tuned.projector is None
