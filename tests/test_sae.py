@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import time
 
 import pytest
@@ -203,26 +204,87 @@ def test_overfits_one_batch_and_trains_from_iterable(threads):
     assert [h["step"] for h in hist] == [5.0, 10.0] and not m.training
 
 
-def test_statistics_path_under_torch_distributed(tmp_path):
-    """With a process group up, the step all-reduces its statistics; world size 1 must change nothing."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stats_data() -> tuple[SAEConfig, torch.Tensor]:
+    x, _ = planted_dictionary(512, 16, 24, 2, seed=5)
+    return SAEConfig(d_in=16, group_sizes=(8, 24), k=2, dead_after_samples=128), x
+
+
+def _rank_rows(x: torch.Tensor, rank: int, step: int) -> torch.Tensor:
+    """Rank ``rank``'s batch of step ``step``: different rows, and rank 1's scaled, so the ranks' BatchTopK cuts differ."""
+    return x[(2 * step + rank) * 64:(2 * step + rank + 1) * 64] * (1.0 + rank)
+
+
+def _stats_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    x, _ = planted_dictionary(256, 16, 24, 2, seed=5)
-    cfg = SAEConfig(d_in=16, group_sizes=(8, 24), k=2, dead_after_samples=128)
-    plain, dist_model = _fitted(cfg, x), _fitted(cfg, x)
-    for m in (plain, dist_model):
-        m.train()
-    for i in range(3):
-        plain(x[i * 64:(i + 1) * 64])
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    torch.set_num_threads(1)
+    cfg, x = _stats_data()
+    torch.manual_seed(0)
+    m = _fitted(cfg, x)
+    m.train()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        for i in range(3):
-            dist_model(x[i * 64:(i + 1) * 64])
+        for step in range(3):
+            m(_rank_rows(x, rank, step))
+        state = {k: v.clone() for k, v in m.state_dict().items()}
+        m.calibrate_threshold(x[rank * 256:(rank + 1) * 256], batch_size=100)  # chunks that straddle nothing
+        state["calibrated"] = m.threshold.clone()
+        torch.save(state, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-    for buf in ("threshold", "threshold_updates", "samples_since_fired_F"):
-        assert torch.equal(getattr(plain, buf), getattr(dist_model, buf)), buf
-    assert int(plain.threshold_updates) == 3 and plain.samples_since_fired_F.max() <= 192
+
+
+def test_statistics_and_calibration_under_torch_distributed(tmp_path):
+    """Two gloo ranks with different data: the step's statistics (threshold EMA, dead-latent counter) are
+    all-reduced, so both ranks hold the values computed from both ranks' batches; calibration gives the
+    threshold of all ranks' rows together."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_stats_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    s0, s1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for buf in ("threshold", "threshold_updates", "samples_since_fired_F", "calibrated"):
+        assert torch.equal(s0[buf], s1[buf]), buf
+
+    # Reference by hand from the same (unchanged: forward only) weights: the mean of the two ranks' smallest
+    # kept activations, EMA over steps; a latent's counter restarts when it fired on either rank.
+    cfg, x = _stats_data()
+    torch.manual_seed(0)
+    ref = _fitted(cfg, x)
+    thr, since = None, torch.zeros(cfg.n_latents, dtype=torch.long)
+    with torch.no_grad():
+        for step in range(3):
+            cuts, fired = [], torch.zeros(cfg.n_latents, dtype=torch.bool)
+            for rank in (0, 1):
+                codes, smallest = batch_topk(ref.activations(ref.normalize(_rank_rows(x, rank, step))), cfg.k)
+                cuts.append(float(smallest))
+                fired |= (codes > 0).any(0)
+            cut = sum(cuts) / 2
+            thr = cut if thr is None else cfg.threshold_momentum * thr + (1 - cfg.threshold_momentum) * cut
+            since = torch.where(fired, 0, since + 128)
+    assert cuts[0] != pytest.approx(cuts[1], rel=0.05)  # the ranks really disagree
+    assert float(s0["threshold"]) == pytest.approx(thr, rel=1e-5)
+    assert int(s0["threshold_updates"]) == 3 and torch.equal(s0["samples_since_fired_F"], since)
+    ref.calibrate_threshold(x[:512])
+    assert float(s0["calibrated"]) == float(ref.threshold)
+
+
+def test_calibration_puts_threshold_l0_at_k(threads):
+    """train() ends by calibrating the threshold on recent training rows: threshold-mode L0 on held-out
+    rows is k within 10%, where the running EMA alone is still far off after a short run."""
+    x, _ = planted_dictionary(12_288, D, N_FEAT, K, noise=0.01, zipf=ZIPF, seed=3)
+    cfg = sae_preset("galray", D, group_sizes=GROUPS, k=K, dead_after_samples=4096)
+    torch.manual_seed(0)
+    m = SparseAutoencoder(cfg)
+    train(m, x[:8192], sae_train_preset("galray", steps=60, lr=5e-3, log_every=10**9))
+    assert abs(evaluate_sae(m, x[8192:], mode="threshold")["l0_mean"] - K) <= 0.1 * K
+    m.calibrate_threshold(x[:8192], target_l0=3 * K)  # the rule itself: L0 follows the target asked for
+    assert abs(evaluate_sae(m, x[8192:], mode="threshold")["l0_mean"] - 3 * K) <= 0.1 * 3 * K
 
 
 def test_lr_schedules():
@@ -267,6 +329,30 @@ def test_planted_dictionary_recovered(planted):
     assert ev["fvu"] <= 0.12
     assert dictionary_recovery(model, feats)["recovered_frac"] >= 0.95
     assert ev["fvu_prefix"] == sorted(ev["fvu_prefix"], reverse=True)  # longer prefixes reconstruct better
+
+
+def _prefix_fvu(model: SparseAutoencoder, x: torch.Tensor, n_latents: int) -> float:
+    """FVU of the reconstruction from the first ``n_latents`` latents of the BatchTopK codes only."""
+    with torch.no_grad():
+        codes = model.encode(x, mode="batchtopk")
+        codes[:, n_latents:] = 0
+        x_hat = model.decode(codes)
+    return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def test_matryoshka_first_group_reconstructs_alone(threads):
+    """The Matryoshka property, which a plain BatchTopK SAE lacks: the first group alone is a usable
+    dictionary. Same data, width, k and steps; only the group split differs. Measured: first-32 FVU
+    0.51 (Matryoshka) against 0.90 (plain), full-width FVU 0.140 against 0.139."""
+    x, _ = planted_dictionary(12_288, D, N_FEAT, K, noise=0.01, zipf=ZIPF, seed=1)
+    fvu = {}
+    for name, groups in (("matryoshka", GROUPS), ("plain", (sum(GROUPS),))):
+        torch.manual_seed(0)
+        m = SparseAutoencoder(sae_preset("galray", D, group_sizes=groups, k=K, dead_after_samples=4096))
+        train(m, x[:8192], sae_train_preset("galray", steps=1000, lr=5e-3, log_every=10**9))
+        fvu[name] = (_prefix_fvu(m, x[8192:], GROUPS[0]), _prefix_fvu(m, x[8192:], sum(GROUPS)))
+    assert fvu["matryoshka"][0] <= 0.75 * fvu["plain"][0], fvu
+    assert fvu["matryoshka"][1] <= 1.1 * fvu["plain"][1], fvu  # the nesting costs little at full width
 
 
 def test_threshold_inference_matches_batchtopk(planted):

@@ -21,11 +21,14 @@ A training kind is a loop module with this face plus a section in :mod:`galray.t
 ``evaluate``          ``(model, batches, max_rows=0) -> Evaluation``: validation metrics
                       (``val_*``) and the data of the run's figures
 ``train``             a single-process loop over in-memory data (tests, benchmarks, notebooks)
+``calibrate``         optional, ``(model, batches) -> None``: fit the model's inference statistics on
+                      recent training batches (the SAE's threshold), called at the end of ``train``
 ====================  ===========================================================================
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Protocol, TypeVar
 
 import torch
@@ -96,3 +99,17 @@ def repeat(batches: Iterable[B]) -> Iterator[B]:
             yield item
         if empty:
             raise ValueError("no batches to train on")
+
+
+class RecentBatches:
+    """The last batches seen, at most ``max_rows`` rows in all: what ``calibrate`` runs on."""
+
+    def __init__(self, max_rows: int):
+        self.max_rows, self.rows = max_rows, 0
+        self.batches: deque[Mapping[str, Tensor]] = deque()
+
+    def add(self, batch: Mapping[str, Tensor]) -> None:
+        self.batches.append(batch)
+        self.rows += batch_rows(batch)
+        while len(self.batches) > 1 and self.rows - batch_rows(self.batches[0]) >= self.max_rows:
+            self.rows -= batch_rows(self.batches.popleft())
