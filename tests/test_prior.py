@@ -55,7 +55,11 @@ def test_forward_shapes_and_tied_weights():
     assert out.logits.shape == (3, 16, 32)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert m.head.weight is m.tok_emb.weight
-    assert tiny_model(tie_weights=False).head.weight is not tiny_model(tie_weights=False).tok_emb.weight
+    untied = tiny_model(tie_weights=False)
+    assert untied.head.weight is not untied.tok_emb.weight
+    with torch.no_grad():  # and not merely different objects sharing storage
+        untied.head.weight.add_(1.0)
+    assert not torch.equal(untied.head.weight, untied.tok_emb.weight)
 
 
 def test_prediction_of_code_t_ignores_codes_t_and_later():

@@ -156,8 +156,9 @@ def test_background_mask_and_foreground_perplexity():
     assert m2.compute().perplexity_foreground == pytest.approx(2.0)
 
 
-def test_train_loop_reduces_loss_and_evaluates():
-    m = _tiny()
+def _train_tiny_on_random_pixels(**kw) -> dict[str, float]:
+    """60 steps on one batch of smooth images, then the metrics on two batches of random pixels."""
+    m = _tiny(ema_decay=0.9, **kw)  # decay 0.9: a code unused for the run decays below the dead level
     torch.manual_seed(1)
     batches = [{"pixels": torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)} for _ in range(2)]
     smooth = [{"pixels": torch.rand(8, 3, 4, 4).repeat_interleave(4, 2).repeat_interleave(4, 3)}]  # [0, 1] floats
@@ -165,8 +166,23 @@ def test_train_loop_reduces_loss_and_evaluates():
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert [h["step"] for h in hist] == [10, 20, 30, 40, 50, 60]
     report = evaluate(m, batches)  # uint8 batches are scaled to [-1, 1]
-    assert sum(report.figure_data["code_counts"]) == 2 * 8 * 16 and 0 < report.metrics["val_utilisation"] <= 1
+    assert sum(report.figure_data["code_counts"]) == 2 * 8 * 16
     assert set(report.metrics) == {"val_utilisation", "val_perplexity", "val_perplexity_foreground", "val_mse"}
     assert sum(evaluate(m, batches, max_rows=8).figure_data["code_counts"]) == 8 * 16
-    assert 1 <= report.metrics["val_perplexity"] <= 16 and report.metrics["val_mse"] > 0
+    assert report.metrics["val_mse"] > 0
     assert m.training  # evaluate restores the mode
+    return report.metrics
+
+
+def test_train_loop_reduces_loss_and_keeps_the_codebook_healthy():
+    # 256 positions over 16 codes: a healthy codebook uses nearly all of them, evenly. Measured: utilisation
+    # 1.0, perplexity 11.0; with k-means init and restarts both off the same run collapses to 0.375 and 4.2
+    # (test_collapsed_codebook_fails_the_health_bar), so the bar below separates the two.
+    metrics = _train_tiny_on_random_pixels()
+    assert metrics["val_utilisation"] >= 0.9 and metrics["val_perplexity"] >= 0.5 * 16
+
+
+def test_collapsed_codebook_fails_the_health_bar():
+    """The bar of the test above is not vacuous: without k-means init and dead-code restarts it fails."""
+    metrics = _train_tiny_on_random_pixels(kmeans_init=False, dead_code_fraction=0.0)
+    assert metrics["val_utilisation"] < 0.9 and metrics["val_perplexity"] < 0.5 * 16
