@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +81,73 @@ def marker(tmp_path: Path) -> Path:
     assert not path.exists(), "a pickle from a data file ran"
 
 
+# The most resident memory any one Ray worker may reach while it handles an attack. A worker with
+# numpy, pyarrow, PIL and astropy loaded sits near 200-300 MB; the PNG bomb below decoded is 192 MB of
+# pixels (more while PIL converts it), the gzip bomb 200 MB: a worker that decodes either crosses this.
+WORKER_RSS_LIMIT = 450 << 20
+# Lines Ray's raylet logs when its memory monitor kills a worker (src/ray/raylet/node_manager.cc).
+_OOM_KILL = re.compile(r"killed due to the node running low on memory|Killing worker.*memory", re.IGNORECASE)
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (Ray's workers are children of its raylet)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass  # the process exited while we listed
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        kids = [c for c, p in parents.items() if p == parent]
+        found += kids
+        todo += kids
+    return found
+
+
+def _rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) << 10
+    except OSError:
+        pass
+    return 0
+
+
+@pytest.fixture
+def memory_watch(ray_session):
+    """Shows that no process is killed for memory: no worker of this Ray reaches ``WORKER_RSS_LIMIT``
+    (sampled from /proc every 50 ms while the test runs; workers come and go, so their own high-water
+    marks are lost when they exit) and Ray's memory monitor logs no kill in this Ray's raylet log."""
+    node = ray_session._private.worker._global_node
+    raylet = node.all_processes["raylet"][0].process.pid
+    log = Path(node.get_session_dir_path()) / "logs" / "raylet.out"
+    start = log.stat().st_size if log.exists() else 0
+    peak: dict[int, int] = {}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            for pid in _children(raylet):
+                peak[pid] = max(peak.get(pid, 0), _rss(pid))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    yield peak
+    stop.set()
+    thread.join()
+    with open(log, "rb") as f:
+        f.seek(start)
+        kills = [line for line in f.read().decode(errors="replace").splitlines() if _OOM_KILL.search(line)]
+    assert not kills, f"Ray killed workers for memory: {kills[:3]}"
+    assert peak, "no Ray worker was seen"
+    worst = max(peak.values())
+    assert worst < WORKER_RSS_LIMIT, f"a Ray worker reached {worst / 2**20:.0f} MB (limit {WORKER_RSS_LIMIT >> 20} MB)"
+
+
 # --- the allow-list -----------------------------------------------------------------------------------
 
 def test_allow_list_reads_the_footer_without_building_types(tmp_path, marker):
@@ -104,7 +173,7 @@ def test_allow_list_reads_the_footer_without_building_types(tmp_path, marker):
             checked_footer(fs, str(tmp_path / f"{name}.parquet"))
 
 
-def test_pickled_column_in_ingest_is_errors_rows_and_nothing_runs(tmp_path, marker, ray_session):
+def test_pickled_column_in_ingest_is_errors_rows_and_nothing_runs(tmp_path, marker, memory_watch):
     from galray.stages.ingest import IngestJob, ingest
 
     src = tmp_path / "in"
@@ -209,7 +278,7 @@ def _gzip_bomb(raw_bytes: int) -> bytes:
     return buf.getvalue()
 
 
-def test_poison_files_are_errors_rows_naming_the_limit(tmp_path, ray_session):
+def test_poison_files_are_errors_rows_naming_the_limit(tmp_path, memory_watch):
     """A PNG bomb, FITS headers claiming huge or many axes, a gzip bomb and bad names among normal
     files: each is one errors row naming its limit, the valid files are stored, nothing is retried."""
     from astropy.io import fits
@@ -249,7 +318,7 @@ def test_poison_files_are_errors_rows_naming_the_limit(tmp_path, ray_session):
     assert "over limits.max_compression_ratio (100x the compressed size)" in reasons["gzbomb"]
 
 
-def test_bad_ids_in_a_parquet_input_are_errors_rows(tmp_path, ray_session):
+def test_bad_ids_in_a_parquet_input_are_errors_rows(tmp_path, memory_watch):
     """Invalid UTF-8, ``../``, NUL and 10 kB ids in gz-parquet: errors rows with a printable id; ``../`` is
     a valid (opaque) id. A folder with a name that is not UTF-8 is refused at once with one line."""
     from galray.config import ConfigError
