@@ -19,7 +19,7 @@ Galaxy Zoo DESI) hands out, which must be decoded and resized to 224:
 (c) pipeline: ``galray.stages.embed.embed_store`` from the store to the output store, at N and at 10N rows,
     each in a fresh process with its own local Ray. On a CPU-only machine it runs one single-threaded
     replica per core (several single-threaded replicas use the cores better than one multi-threaded
-    one) and leaves half a CPU to the preprocessing actor; on a GPU machine, one replica per GPU.
+    one; each reads, decodes and resizes its own shards); on a GPU machine, one replica per GPU.
     ``img_per_s_pipeline`` is the 10N run's steady rate, which galray's summary reports: the rows
     that came back after the first quarter, over the time from then to the last. The fixed
     start-up (workers, model load, compilation) and the ramp while replicas finish compiling at
@@ -61,8 +61,13 @@ import numpy as np
 
 MODEL = "convnext_nano"
 IMAGE_SIZE = 256
-PREPROCESS_CPUS = 0.5
-SHARD_ROWS = 500  # cutouts per Parquet shard (galray simulate writes 1,000)
+MIN_SHARDS = 20  # galray's steady rate counts finished shards: a store of at least 20 keeps it fine-grained
+
+
+def shard_rows(rows: int) -> int:
+    """Cutouts per Parquet shard: 500 (galray simulate writes 1,000), fewer for small stores so that
+    each has at least MIN_SHARDS shards (every replica finishes several before the steady window)."""
+    return max(1, min(500, rows // MIN_SHARDS))
 
 
 def make_store(uri: str, rows: int, shard_rows: int, seed: int = 0) -> None:
@@ -205,7 +210,7 @@ def naive(store: str, out: str, batch: int, max_rows: int) -> tuple[float, int]:
 
 # --- (c) the pipeline, in a child process whose whole tree we measure ----------------------------------
 
-REPLICA_CMDLINE = "ray::MapWorker(MapBatches(Embedder))"  # how Ray names the model replicas' processes
+REPLICA_CMDLINE = "ray::MapWorker(MapBatches(ShardEmbedder))"  # how Ray names the model replicas' processes
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -261,8 +266,8 @@ def pipeline_child(store: str, out: str, batch: int, replicas: int, threads: int
     cpus = os.cpu_count() or 1
     ensure_ray(num_cpus=cpus)
     job = EmbedJob(input=store, output=out, backbone=BackboneConfig(MODEL, pretrained=False), batch_size=batch,
-                   pool=ActorPoolConfig(actors=replicas, cpus_per_actor=(cpus - PREPROCESS_CPUS) / replicas),
-                   torch_threads=threads, preprocess_cpus=PREPROCESS_CPUS, compile=compile,
+                   pool=ActorPoolConfig(actors=replicas, cpus_per_actor=cpus / replicas),
+                   torch_threads=threads, compile=compile,
                    tracking=TrackingConfig(enabled=False))
     print("START", flush=True)
     t0 = time.perf_counter()
@@ -384,8 +389,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="galray-bench-embed-") as tmp:
         limit_pool = ModelOnly(args.replicas, args.threads, batch, max(6, n // (batch * args.replicas)), args.compile)
-        make_store(f"{tmp}/store_n", n, SHARD_ROWS)  # while the replicas compile
-        make_store(f"{tmp}/store_10n", 10 * n, SHARD_ROWS, seed=1)
+        make_store(f"{tmp}/store_n", n, shard_rows(n))  # while the replicas compile
+        make_store(f"{tmp}/store_10n", 10 * n, shard_rows(10 * n), seed=1)
         limit_pool.wait_ready()  # nothing else may run while a figure is measured
         ips_eager_1proc = None
         if not args.quick:

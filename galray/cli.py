@@ -164,9 +164,11 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
         Stream a cutout store through a fixed pool of model replicas (Ray Data) into an embedding
         store: one Parquet file per input shard (object_id, embedding as fixed-size float32 list,
         provenance in the file metadata), rows that fail to decode or preprocess under _errors/.
-        CPU actors decode, stretch, crop and resize; each replica loads the model once and runs it
-        under inference_mode (bf16 autocast and channels_last on GPU). Finished shards are skipped,
-        so an interrupted run resumes, and no row is ever written twice.
+        Each replica loads the model once and takes whole shards: it reads one in blocks
+        (--set block_rows=N, default 1024), decodes, stretches, crops and resizes (stored uint8
+        tensors at the model's size pass through untouched), runs the model under inference_mode
+        (bf16 autocast and channels_last on GPU) and writes the shard's file. Finished shards are
+        skipped, so an interrupted run resumes, and no row is ever written twice.
         Models: any timm name (pretrained from the hub when online), hf_hub:owner/repo,
         local-dir:/path/to/hub_copy, Zoobot encoders (hf_hub:mwalmsley/zoobot-encoder-convnext_nano),
         the Euclid MAE ViT (mwalmsley/euclid_encoder_mae_zoobot_vit_small_patch8_224), or galray's
@@ -175,14 +177,11 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
         tensor-only .pt; a pickle that would run code is refused.
         The run is recorded in MLflow (settings, rows done and rows/s as it goes, the summary);
         --no-tracking turns that off.
-        Memory stays flat however large the store: at most inflight_batches (default 8) batches of
-        pixels per replica wait in Ray's object store (--set inflight_batches=N). Preprocessing runs
-        in a pool of long-lived CPU actors that grows up to the CPUs the replicas leave
-        (--set preprocess_actors=N caps it). The summary line gives the start-up (workers, model
-        load, compilation) apart from the steady rows/s.
-        On a CPU-only machine, several single-threaded replicas beat one multi-threaded one, e.g.
-        on 2 cores: --actors 2 --torch-threads 1 --set pool.cpus_per_actor=0.75 --set preprocess_cpus=0.5;
-        add --compile for large stores."""), (
+        Memory stays flat however large the store: a replica holds two blocks of pixels and one
+        shard's embeddings. The summary line gives the start-up (workers, model load, compilation)
+        apart from the steady rows/s.
+        On a CPU-only machine the default is one single-threaded replica per CPU
+        (e.g. --actors 2 --torch-threads 1 on 2 cores); add --compile for large stores."""), (
         Flag("--input", "input", "cutout store URI (folder, file:// or s3://bucket/prefix)"),
         Flag("--output", "output", "embedding store URI (folder, file:// or s3://bucket/prefix)"),
         Flag("--model", "backbone.name", "backbone name, e.g. convnext_nano or "

@@ -1,7 +1,9 @@
 """`galray embed`: backbones, safe weights, preprocessing, and the Ray Data pipeline end to end.
 
-Pipeline tests use timm's tiny ``test_convnext`` at 32 px on 3 shards x 8 rows, and share one
-local Ray (``ray_session``); the rest run without Ray.
+Pipeline tests run at 32 px on a few shards of 6-8 rows and share one local Ray (``ray_session``):
+the S3/resume test with timm's tiny ``test_convnext`` on PNG bytes (the decoding path), the
+actor-kill test with ``galray_pool_linear`` on a uint8 tensor store (the zero-copy fast path a
+GPU node runs). The rest run without Ray.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import os
 import signal
 import threading
 import time
-from dataclasses import replace as dataclass_replace
 from pathlib import Path
 
 import mlflow
@@ -25,19 +26,19 @@ from safetensors.torch import save_file
 
 from galray.config import ConfigError, from_dict
 from galray.data.cutouts import CutoutError, encode_png
-from galray.data.preprocess import ImagePlan, plan_for, prepare_image
+from galray.data.preprocess import ImagePlan, PreprocessConfig, plan_for, prepare_block, prepare_image
 from galray.data.shards import ERRORS_DIR, ImageSpec, list_parquet, make_table, shard_name, write_table
-from galray.data.stores import EMBEDDING_COLUMN, read_embeddings
+from galray.data.stores import EMBEDDING_COLUMN, exact_batches, read_blocks, read_embeddings
 from galray.models.backbones import (BackboneConfig, BackboneError, UnsafeWeightsError, create_backbone,
                                      embedding_dim, load_weights_file, to_model_input)
-from galray.stages.embed import EmbedJob, Embedder, ShardPreprocessor, embed_dataset, embed_store, preprocess_batch
+from galray.stages.embed import EmbedJob, ShardEmbedder, embed_dataset, embed_store
 from galray.stages.pool import ActorPoolConfig
 from galray.storage import arrow_filesystem
 from galray.tracking import TrackingConfig
 
 SIZE = 32
 MODEL = "test_convnext"
-RANDOM_BACKBONE = BackboneConfig(MODEL, pretrained=False, input_size=SIZE)
+FAST = BackboneConfig("galray_pool_linear", pretrained=False, input_size=SIZE)  # costs nothing: the pipeline's own path
 
 
 def _write_store(uri: str, shards: int = 3, rows: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
@@ -171,15 +172,35 @@ def test_preprocessing_paths_and_errors():
     assert fplan.float_input and fplan.pixel_dtype == np.uint8
     flux = np.random.default_rng(0).normal(size=(2, 4, 20, 20)).astype(np.float32)
     flux[1] = np.nan
-    batch = preprocess_batch({"object_id": np.array(["a", "b"], object), "image": flux,
-                              "path": np.array(["s/shard-00000.parquet"] * 2, object)}, fplan)
-    assert batch["pixels"].shape == (2, 3, 16, 16) and list(batch["error"] != "") == [False, True]
-    assert "NaN" in batch["error"][1]
+    table = make_table({"object_id": np.array(["a", "b"], object), "image": flux},
+                       ImageSpec(shape=(4, 20, 20), layout="CHW", dtype="float32"))
+    block = prepare_block(table, fplan)
+    assert block.pixels.shape == (2, 3, 16, 16) and block.layout == "NCHW"
+    assert block.errors[0].as_py() is None and "NaN" in block.errors[1].as_py()
     # encoded bytes: a truncated PNG is a CutoutError with a reason
     eplan = ImagePlan("image", "encoded", "HWC", size=16, in_chans=3, float_input=False)
     assert prepare_image(encode_png(np.zeros((8, 8, 3), np.uint8)), eplan).shape == (3, 16, 16)
     with pytest.raises(CutoutError, match="decode|truncated"):
         prepare_image(b"\x89PNG\r\n\x1a\n broken", eplan)
+
+
+def test_prepare_block_passes_stored_tensors_through_without_a_copy_and_equals_prepare_image():
+    """uint8 HWC at the model's size: the block's pixels are a view of the Parquet read's buffer (NHWC),
+    equal to prepare_image row by row; any other plan (a crop) takes the per-row path, same values."""
+    spec = ImageSpec(shape=(16, 16, 3), bands=("g", "r", "z"))
+    images = np.random.default_rng(3).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    table = make_table({"object_id": np.array([f"o{i}" for i in range(5)], object), "image": images}, spec)
+    plan = plan_for(table.schema, size=16, in_chans=3)
+    fast = prepare_block(table, plan)
+    assert plan.passes_through and fast.layout == "NHWC" and fast.errors.null_count == 5
+    buffer = table.column("image").chunk(0).storage.values.buffers()[1]
+    assert fast.pixels.ctypes.data == buffer.address  # zero-copy
+    want = np.stack([prepare_image(im, plan) for im in images])
+    np.testing.assert_array_equal(fast.pixels.transpose(0, 3, 1, 2), want)
+    cropped = plan_for(table.schema, size=16, in_chans=3, prep=PreprocessConfig(crop_fraction=0.5))
+    slow = prepare_block(table, cropped)
+    assert not cropped.passes_through and slow.layout == "NCHW"
+    np.testing.assert_array_equal(slow.pixels, np.stack([prepare_image(im, cropped) for im in images]))
 
 
 def test_compiled_inference_equals_eager_with_padded_and_chunked_batches():
@@ -196,12 +217,14 @@ def test_compiled_inference_equals_eager_with_padded_and_chunked_batches():
         torch.testing.assert_close(eager(pixels[:n]), want[:n], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(compiled(pixels[:n]), want[:n], rtol=1e-4, atol=1e-4)
     assert compiled.compiled and not eager.compiled
+    nhwc = pixels.permute(0, 2, 3, 1).contiguous()  # channels-last pixels (a passed-through tensor store)
+    torch.testing.assert_close(eager(nhwc, "NHWC"), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled(nhwc[:3], "NHWC"), want[:3], rtol=1e-4, atol=1e-4)
 
 
-def test_exact_batches_recut_row_groups_into_full_batches():
-    """Parquet batches end at row groups; the re-cut gives full batches and one short tail, rows in order."""
-    from galray.stages.embed import exact_batches
-
+def test_exact_batches_recut_row_groups_into_full_batches(tmp_path):
+    """Parquet batches end at row groups; the re-cut gives full batches and one short tail, rows in order;
+    read_blocks does it on a file (read ahead in a thread), keeping the schema metadata, then ``then``."""
     sizes, start, batches = (5, 3, 10, 1), 0, []
     for n in sizes:
         batches.append(pa.record_batch({"i": pa.array(range(start, start + n))}))
@@ -211,27 +234,12 @@ def test_exact_batches_recut_row_groups_into_full_batches():
     assert [v for t in out for v in t.column("i").to_pylist()] == list(range(19))
     assert [t.num_rows for t in exact_batches(iter(batches[:1]), 8)] == [5]
 
-
-def test_inflight_cap_and_block_size_are_per_pipeline_and_keep_tighter_limits():
-    import ray.data
-
-    from galray.stages.embed import MIN_INFLIGHT_BYTES, _bound_inflight
-
-    plan = ImagePlan("image", "encoded", "HWC", size=224, in_chans=3, float_input=False)
-    job = EmbedJob(input="a", output="b", backbone=BackboneConfig(MODEL), batch_size=64, inflight_batches=4)
-    batch_bytes = 64 * 3 * 224 * 224
-    ctx = ray.data.DataContext.get_current().copy()
-    _bound_inflight(ctx, job, plan, actors=3)
-    assert ctx.target_max_block_size == int(0.8 * batch_bytes)  # one yielded batch = one block, never sliced
-    assert ctx.execution_options.resource_limits.object_store_memory == 3 * 4 * batch_bytes
-    assert ray.data.DataContext.get_current().target_max_block_size != ctx.target_max_block_size
-    tight = ray.data.DataContext.get_current().copy()
-    tight.execution_options.resource_limits = tight.execution_options.resource_limits.copy(object_store_memory=1e6)
-    _bound_inflight(tight, dataclass_replace(job, batch_size=1), plan, actors=1)
-    assert tight.execution_options.resource_limits.object_store_memory == 1e6
-    small = ray.data.DataContext.get_current().copy()
-    _bound_inflight(small, dataclass_replace(job, batch_size=1), plan, actors=1)
-    assert small.execution_options.resource_limits.object_store_memory == MIN_INFLIGHT_BYTES
+    table = pa.Table.from_batches(batches).replace_schema_metadata({"k": "v"})
+    pq.write_table(table, tmp_path / "s.parquet", row_group_size=5)
+    fs, root = arrow_filesystem(str(tmp_path))
+    got = list(read_blocks(fs, f"{root}/s.parquet", ["i"], 4, then=lambda t: (t.schema.metadata, t.column("i"))))
+    assert [len(c) for _, c in got] == [4, 4, 4, 4, 3] and all(m == {b"k": b"v"} for m, _ in got)
+    assert [v for _, c in got for v in c.to_pylist()] == list(range(19))
 
 
 def test_steady_rate_excludes_start_up_and_ramp():
@@ -260,8 +268,10 @@ def test_config_is_validated():
         EmbedJob(input="a", output="b", backbone=BackboneConfig(MODEL), batch_size=0)
     with pytest.raises(ConfigError, match="output"):
         EmbedJob(input="a", output="a/", backbone=BackboneConfig(MODEL))
-    with pytest.raises(ConfigError, match="preprocess_actors"):
-        EmbedJob(input="a", output="b", backbone=BackboneConfig(MODEL), preprocess_actors=-1)
+    with pytest.raises(ConfigError, match="block_rows"):
+        EmbedJob(input="a", output="b", backbone=BackboneConfig(MODEL), block_rows=0)
+    with pytest.raises(ConfigError, match="preprocess_actors"):  # the preprocessing pool is gone: a stale key fails
+        from_dict(EmbedJob, {"input": "a", "output": "b", "backbone": {"name": MODEL}, "preprocess_actors": 2})
     with pytest.raises(ConfigError, match="backbone.name"):
         EmbedJob(input="a", output="b")
     with pytest.raises(ConfigError, match="pool.actors"):
@@ -284,8 +294,8 @@ def test_s3_pipeline_equals_direct_model_writes_errors_and_resumes(s3_env, ray_s
     save_file(model.state_dict(), str(weights))
 
     tracking = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="embed-test")
-    summary = embed_dataset(src, dst, MODEL, weights=str(weights), input_size=SIZE, batch_size=5, actors=1,
-                            tracking=tracking)
+    summary = embed_dataset(src, dst, MODEL, weights=str(weights), input_size=SIZE, batch_size=5, block_rows=3,
+                            actors=1, tracking=tracking)
     assert (summary.rows_in, summary.rows_out, summary.rows_errored, summary.skipped_shards) == (24, 22, 2, 0)
     assert 0 < summary.startup_s < summary.seconds and summary.steady_rows_per_s > 0
     # The run is in MLflow: settings as params, the summary's figures as metrics.
@@ -295,7 +305,7 @@ def test_s3_pipeline_equals_direct_model_writes_errors_and_resumes(s3_env, ray_s
     assert run.data.params["backbone.name"] == MODEL and run.data.params["output"] == dst
     m = run.data.metrics
     assert (m["rows_in"], m["rows_out"], m["rows_errored"], m["actors"], m["embedding_dim"]) == (24, 22, 2, 1, 64)
-    assert m["rows_per_s"] > 0 and m["duplicates_dropped"] == 0
+    assert m["rows_per_s"] > 0 and m["replayed_shards"] == 0
     ids, emb, meta = read_embeddings(dst)
     assert len(ids) == len(set(ids)) and set(ids) == set(images) - bad
     np.testing.assert_allclose(emb, _reference(np.stack([images[i] for i in ids]), weights), rtol=1e-4, atol=1e-5)
@@ -329,92 +339,56 @@ def test_s3_pipeline_equals_direct_model_writes_errors_and_resumes(s3_env, ray_s
         == ["png-00017"]
 
 
-def test_killed_preprocessing_and_inference_actors_still_give_exactly_once_output(tmp_path, ray_session):
-    """SIGKILL the first preprocessing actor in the middle of a shard, and the first model replica
-    in the middle of the run: both are restarted, the calls they held re-run, and every row comes
-    out exactly once."""
+def test_killed_replica_still_gives_exactly_once_output_on_the_fast_path(tmp_path, ray_session):
+    """SIGKILL the model replica in the middle of a shard (galray_pool_linear on a uint8 tensor store:
+    the zero-copy path): Ray restarts it and re-runs the call it held, which rewrites that shard
+    whole; every row comes out exactly once, equal to the model applied directly, and a shard's
+    repeated id is an errors row."""
     images = _write_store(str(tmp_path / "in"), shards=4, rows=6)
-    pre_pids, emb_pids = tmp_path / "pre_pids", tmp_path / "emb_pids"
+    fs, root = arrow_filesystem(str(tmp_path / "in"))
+    ids = [f"obj-{i:05d}" for i in range(24, 27)] + ["obj-00024"]
+    write_table(make_table({"object_id": np.array(ids, object),
+                            "image": np.stack([images["obj-00000"]] * 4)}, ImageSpec(shape=(SIZE, SIZE, 3))),
+                fs, f"{root}/{shard_name(4)}")
+    images.update({i: images["obj-00000"] for i in ids})
+    pids = tmp_path / "pids"
 
-    class SlowPreprocessor(ShardPreprocessor):  # defined here, so Ray ships it by value to the actor
-        def __call__(self, batch):
-            for out in super().__call__(batch):
-                with open(pre_pids, "a") as f:
-                    f.write(f"{os.getpid()}\n")
-                time.sleep(0.2)  # keeps a shard in progress long enough to kill the actor inside it
-                yield out
-
-    class SlowEmbedder(Embedder):
-        def __call__(self, batch):
-            with open(emb_pids, "a") as f:
+    class SlowEmbedder(ShardEmbedder):  # defined here, so Ray ships it by value to the actor
+        def embed_pixels(self, pixels, layout):
+            with open(pids, "a") as f:
                 f.write(f"{os.getpid()}\n")
-            time.sleep(0.25)  # keeps the run long enough to kill the actor in the middle of it
-            return super().__call__(batch)
+            time.sleep(0.25)  # keeps a shard in progress long enough to kill the actor inside it
+            return super().embed_pixels(pixels, layout)
 
     killed: list[int] = []
 
-    def kill_first(pid_file):
+    def kill_first():
         deadline = time.time() + 240
         while time.time() < deadline:
-            if pid_file.exists() and pid_file.read_text().strip():
-                pid = int(pid_file.read_text().split()[0])
+            if pids.exists() and len(pids.read_text().split()) >= 2:  # the second block of the first shard
+                pid = int(pids.read_text().split()[0])
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
                 return
-            time.sleep(0.05)
+            time.sleep(0.02)
 
-    killers = [threading.Thread(target=kill_first, args=(f,), daemon=True) for f in (pre_pids, emb_pids)]
-    for k in killers:
-        k.start()
-    job = EmbedJob(input=str(tmp_path / "in"), output=str(tmp_path / "out"), backbone=RANDOM_BACKBONE,
-                   batch_size=2, pool=ActorPoolConfig(actors=1), preprocess_actors=1)
-    summary = embed_store(job, embedder_cls=SlowEmbedder, preprocessor_cls=SlowPreprocessor)
-    for k in killers:
-        k.join(5)
-    for f in (pre_pids, emb_pids):
-        assert len({int(p) for p in f.read_text().split()}) >= 2, f"{f.name}: the actor was not killed and replaced"
-    assert len(killed) == 2
-    assert (summary.rows_in, summary.rows_out, summary.rows_errored) == (24, 24, 0)
-    out_ids = _output_ids(str(tmp_path / "out"))
+    killer = threading.Thread(target=kill_first, daemon=True)
+    killer.start()
+    job = EmbedJob(input=str(tmp_path / "in"), output=str(tmp_path / "out"), backbone=FAST, batch_size=2,
+                   block_rows=2, pool=ActorPoolConfig(actors=1), tracking=TrackingConfig(enabled=False))
+    summary = embed_store(job, embedder_cls=SlowEmbedder)
+    killer.join(5)
+    assert len(killed) == 1 and len({int(p) for p in pids.read_text().split()}) >= 2, "the actor was not replaced"
+    assert (summary.rows_in, summary.rows_out, summary.rows_errored) == (28, 27, 1)
+    out_ids, emb, _ = read_embeddings(str(tmp_path / "out"))
     assert len(out_ids) == len(set(out_ids)) and set(out_ids) == set(images)
-
-
-def test_preprocessing_pool_grows_into_the_cpus_the_replicas_leave(ray_session):
-    """2 CPUs: one 1-CPU replica leaves room for two 0.5-CPU preprocessing actors, never more than
-    one per shard; a user's preprocess_actors caps it; a pool that fills the CPUs still gets one."""
-    from galray.stages.embed import _preprocess_pool_max
-
-    job = EmbedJob(input="a", output="b", backbone=BackboneConfig(MODEL), pool=ActorPoolConfig(cpus_per_actor=1.0),
-                   preprocess_cpus=0.5)
-    assert _preprocess_pool_max(job, actors=1, shards=10) == 2
-    assert _preprocess_pool_max(job, actors=1, shards=1) == 1
-    assert _preprocess_pool_max(dataclass_replace(job, preprocess_actors=1), actors=1, shards=10) == 1
-    assert _preprocess_pool_max(dataclass_replace(job, pool=ActorPoolConfig(cpus_per_actor=0.75)), actors=2,
-                                shards=10) == 1
-    assert _preprocess_pool_max(job, actors=2, shards=10) == 1
-
-
-def test_preprocessing_pool_grows_when_preprocessing_is_the_bottleneck(tmp_path, ray_session):
-    """One 1-CPU replica leaves 1 CPU: the preprocessing pool starts at one 0.5-CPU actor and, with
-    slow preprocessing and shards waiting, adds a second; every row still comes out once."""
-    images = _write_store(str(tmp_path / "in"), shards=6, rows=8)
-    pids = tmp_path / "pids"
-
-    class SlowPreprocessor(ShardPreprocessor):
-        def __call__(self, batch):
-            for out in super().__call__(batch):
-                with open(pids, "a") as f:
-                    f.write(f"{os.getpid()}\n")
-                time.sleep(0.4)
-                yield out
-
-    job = EmbedJob(input=str(tmp_path / "in"), output=str(tmp_path / "out"), backbone=RANDOM_BACKBONE,
-                   batch_size=4, pool=ActorPoolConfig(actors=1, cpus_per_actor=1.0), preprocess_cpus=0.5)
-    summary = embed_store(job, preprocessor_cls=SlowPreprocessor)
-    assert len(set(pids.read_text().split())) == 2
-    assert (summary.rows_in, summary.rows_out, summary.rows_errored) == (48, 48, 0)
-    out_ids = _output_ids(str(tmp_path / "out"))
-    assert len(out_ids) == len(set(out_ids)) and set(out_ids) == set(images)
+    model = create_backbone(FAST)
+    x = torch.from_numpy(np.stack([images[i] for i in out_ids])).permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        want = model.model(to_model_input(x, model.preprocessing)).numpy()
+    np.testing.assert_allclose(emb, want, rtol=1e-5, atol=1e-5)
+    (err,) = pq.read_table(tmp_path / "out" / ERRORS_DIR / "shard-00004.parquet").to_pylist()
+    assert err["object_id"] == "obj-00024" and "duplicate" in err["reason"]
 
 
 def test_gpus_requested_without_gpus_fail_at_once(tmp_path, ray_session):

@@ -34,6 +34,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -159,8 +160,8 @@ def images_from_table(table: pa.Table, spec: ImageSpec | None = None) -> np.ndar
     return flat.reshape((len(col), *spec.shape)).astype(spec.dtype, copy=False)
 
 
-def write_table(table: pa.Table, fs: pafs.FileSystem, path: str, compression: str = "zstd") -> int:
-    """Write one Parquet file and return its size in bytes.
+def write_table(table: pa.Table, fs: pafs.FileSystem, path: str, compression: str = "zstd", **options: Any) -> int:
+    """Write one Parquet file and return its size in bytes (``options``: more ``pq.write_table`` settings).
 
     Local files are written under a temporary name and renamed, so a crash never leaves a
     half-written shard that a resumed run would mistake for a finished one. An S3 PUT is
@@ -170,10 +171,10 @@ def write_table(table: pa.Table, fs: pafs.FileSystem, path: str, compression: st
     if isinstance(fs, pafs.LocalFileSystem):
         fs.create_dir(parent, recursive=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
-        pq.write_table(table, tmp, filesystem=fs, compression=compression)
+        pq.write_table(table, tmp, filesystem=fs, compression=compression, **options)
         os.replace(tmp, path)
     else:
-        pq.write_table(table, path, filesystem=fs, compression=compression)
+        pq.write_table(table, path, filesystem=fs, compression=compression, **options)
     return fs.get_file_info(path).size
 
 
@@ -188,3 +189,13 @@ def errors_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     """Errors output rows -> table with the contract's columns (all strings)."""
     return pa.table({c: pa.array([None if r.get(c) is None else str(r.get(c)) for r in rows], pa.string())
                      for c in ERROR_COLUMNS})
+
+
+def errors_of(ids: pa.Array | pa.ChunkedArray, reasons: pa.Array | pa.ChunkedArray, stage: str,
+              source: str) -> pa.Table:
+    """The errors output of one shard from Arrow columns (the failing rows' ids and reasons), with no
+    Python per row: the same table as :func:`errors_table`."""
+    n = len(ids)
+    return pa.table({"object_id": pc.cast(ids, pa.string()), "stage": pa.array([stage] * n, pa.string()),
+                     "reason": pc.cast(reasons, pa.string()), "source_file": pa.array([source] * n, pa.string())})
+

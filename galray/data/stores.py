@@ -21,6 +21,11 @@ instead of the dense embedding), then the catalog columns carried through from t
 (scalars only: numbers, booleans, strings). SAE checkpoint and weights hash, width, k, threshold,
 the embedding store and the cutout shard the catalog came from are in the metadata.
 
+**Reading a shard** (:func:`read_blocks`, used by embed and encode): a shard streams as Arrow
+tables of exactly ``rows`` rows (the last may be shorter), read one block ahead in a thread
+(pyarrow releases the GIL), so a stage holds two blocks whatever the shard's size.
+:func:`tensor_view` gives a fixed-shape tensor column as a zero-copy numpy view.
+
 **Writing a shard** (:func:`write_shard`, used by ingest, embed and encode): the errors file is
 written (or a stale one removed) first and the output file last, each atomically, so an existing
 output file always means its input shard is completely done and a rerun can skip it.
@@ -33,10 +38,11 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from galray.data.arrow_safety import open_parquet, read_footer, read_table
@@ -51,6 +57,11 @@ FEATURE_VALUES_COLUMN = "feature_values"
 EMBED_STORE_VERSION = 1
 CODES_STORE_VERSION = 1
 FEATURES_STORE_VERSION = 1
+Prepared = TypeVar("Prepared")  # what read_blocks yields for each block
+# Embedding files: a dictionary and min/max statistics only for object_id. Parquet's defaults try a
+# dictionary on the D floats of every row and keep their min/max, for nothing (measured at D=640:
+# 15.2 -> 9.5 us of CPU a row to write; notes/ceiling.md, cut 5).
+EMBED_WRITE_OPTIONS: dict[str, Any] = {"use_dictionary": [ID_COLUMN], "write_statistics": [ID_COLUMN]}
 
 
 def shard_stem(path: str) -> str:
@@ -71,16 +82,80 @@ def footer_rows(fs: pafs.FileSystem, paths: Sequence[str], missing_ok: bool = Fa
         return list(pool.map(rows, paths))
 
 
-def write_shard(table: pa.Table, errors: Sequence[Mapping[str, Any]], fs: pafs.FileSystem, root: str,
-                name: str) -> None:
-    """Write one output shard ``root/name`` and its errors ``root/_errors/name``: errors first (or a
-    stale errors file from an earlier run removed), the shard last."""
+def write_shard(table: pa.Table, errors: Sequence[Mapping[str, Any]] | pa.Table, fs: pafs.FileSystem, root: str,
+                name: str, **options: Any) -> None:
+    """Write one output shard ``root/name`` and its errors ``root/_errors/name`` (rows as mappings, or
+    already a table of the errors contract): errors first (or a stale errors file from an earlier run
+    removed), the shard last. ``options``: Parquet settings of the shard's file."""
     err_path = f"{root}/{ERRORS_DIR}/{name}"
-    if errors:
-        write_table(errors_table(errors), fs, err_path)
+    if len(errors):
+        write_table(errors if isinstance(errors, pa.Table) else errors_table(errors), fs, err_path)
     elif fs.get_file_info(err_path).type != pafs.FileType.NotFound:
         fs.delete_file(err_path)
-    write_table(table, fs, f"{root}/{name}")
+    write_table(table, fs, f"{root}/{name}", **options)
+
+
+def exact_batches(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.Table]:
+    """Re-cut a stream of record batches into tables of exactly ``size`` rows (the last may be shorter).
+
+    Parquet readers end a batch at every row-group boundary; re-cutting keeps every block full.
+    """
+    pending: list[pa.RecordBatch] = []
+    rows = 0
+    for rb in batches:
+        pending.append(rb)
+        rows += rb.num_rows
+        if rows < size:
+            continue
+        table = pa.Table.from_batches(pending)
+        start = 0
+        while rows - start >= size:
+            yield table.slice(start, size)
+            start += size
+        rest = table.slice(start)
+        pending, rows = rest.to_batches(), rest.num_rows
+    if rows:
+        yield pa.Table.from_batches(pending)
+
+
+def read_blocks(fs: pafs.FileSystem, path: str, columns: Sequence[str], rows: int,
+                then: Callable[[pa.Table], Prepared] = lambda table: table, source: str | None = None
+                ) -> Iterator[Prepared]:
+    """``then`` of each block of one shard: its ``columns`` as tables of exactly ``rows`` rows (the
+    last may be shorter), in order, each carrying the file's schema metadata (the declared image layout).
+
+    The next block is read, and ``then`` applied to it, in a thread while the caller works on this
+    one: pyarrow's Parquet decoding (on a fixed-shape tensor column the largest cost of a row, ~0.1 ms
+    at 64 px) and PIL's image decoding release the GIL, so on a GPU node reading and preprocessing
+    overlap the forward pass. The caller holds two blocks whatever the shard's size.
+    """
+    # The allow-list first (arrow_safety; errors name ``source``, default the path): the file may have
+    # changed since the driver listed it. pyarrow's record batches carry the file's schema metadata,
+    # and the re-cut tables keep it.
+    with open_parquet(fs, path, source) as pf, ThreadPoolExecutor(max_workers=1) as ahead:
+        blocks = exact_batches(pf.iter_batches(batch_size=rows, columns=list(columns)), rows)
+
+        def step() -> tuple[Prepared] | None:
+            table = next(blocks, None)
+            return None if table is None else (then(table),)
+
+        pending = ahead.submit(step)
+        while (got := pending.result()) is not None:
+            pending = ahead.submit(step)
+            yield got[0]
+
+
+def tensor_view(column: pa.Array | pa.ChunkedArray, shape: Sequence[int]) -> np.ndarray:
+    """``(N, *shape)`` numpy view of a fixed-shape tensor (or fixed-size list) column, without a copy
+    when it is one chunk (as one Parquet read gives it). Null rows read as whatever their slots hold:
+    callers check ``column.null_count``."""
+    arr = column.chunk(0) if isinstance(column, pa.ChunkedArray) and column.num_chunks == 1 else column
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    storage = arr.storage if isinstance(arr, pa.ExtensionArray) else arr
+    size = int(np.prod(shape))
+    values = storage.values.slice(storage.offset * size, len(storage) * size)  # null rows keep their slots
+    return values.to_numpy(zero_copy_only=values.null_count == 0).reshape(len(storage), *shape)
 
 
 def list_column_values(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -97,13 +172,18 @@ def _with_metadata(table: pa.Table, metadata: Mapping[str, Any]) -> pa.Table:
 
 # --- embedding store ------------------------------------------------------------------------------
 
-def embedding_table(ids: np.ndarray, emb_ND: np.ndarray, metadata: dict[str, Any]) -> pa.Table:
-    """The embedding store's table: object_id (sorted) and embedding fixed_size_list<float32>[D]."""
-    order = np.argsort(np.asarray(ids, dtype=str), kind="stable")
+def embedding_table(ids: pa.Array | pa.ChunkedArray | Sequence[str], emb_ND: np.ndarray,
+                    metadata: dict[str, Any]) -> pa.Table:
+    """The embedding store's table: object_id (sorted) and embedding fixed_size_list<float32>[D].
+
+    Arrow-native (no Python per row): the ids are sorted by ``pc.sort_indices`` (UTF-8 byte order,
+    which is code-point order) and the embeddings taken in that order."""
+    ids = pc.cast(ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(list(ids), pa.string()),
+                  pa.string())
+    order = pc.sort_indices(ids)
     dim = int(metadata["embedding_dim"])
-    flat = pa.array(np.ascontiguousarray(emb_ND[order], dtype=np.float32).reshape(-1), pa.float32())
-    table = pa.table({ID_COLUMN: pa.array([str(i) for i in np.asarray(ids)[order]], pa.string()),
-                      EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(flat, dim)})
+    flat = pa.array(np.ascontiguousarray(emb_ND[order.to_numpy()], dtype=np.float32).reshape(-1), pa.float32())
+    table = pa.table({ID_COLUMN: ids.take(order), EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(flat, dim)})
     return _with_metadata(table, metadata)
 
 
@@ -129,12 +209,13 @@ def codes_dtype(codebook_size: int) -> pa.DataType:
     return pa.int16() if codebook_size <= 2**15 else pa.int32()
 
 
-def codes_table(ids: list[str], codes_NT: np.ndarray, labels_N: np.ndarray, codebook_size: int,
-                metadata: dict[str, Any]) -> pa.Table:
+def codes_table(ids: pa.Array | pa.ChunkedArray | Sequence[str], codes_NT: np.ndarray, labels_N: np.ndarray,
+                codebook_size: int, metadata: dict[str, Any]) -> pa.Table:
     """The code store's table: object_id, codes fixed_size_list<int16|int32>[h*w], label int64."""
     typ = codes_dtype(codebook_size)
     flat = pa.array(np.ascontiguousarray(codes_NT).reshape(-1).astype(typ.to_pandas_dtype()), typ)
-    table = pa.table({ID_COLUMN: pa.array(ids, pa.string()),
+    ids = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(list(ids), pa.string())
+    table = pa.table({ID_COLUMN: pc.cast(ids, pa.string()),
                       CODES_COLUMN: pa.FixedSizeListArray.from_arrays(flat, codes_NT.shape[1]),
                       LABEL_COLUMN: pa.array(np.asarray(labels_N, np.int64), pa.int64())})
     return _with_metadata(table, metadata)

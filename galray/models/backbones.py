@@ -140,6 +140,46 @@ if not timm.is_model(PICO_ARCH):
     register_model(galray_convnext_pico)
 
 
+# --- a backbone that costs nothing (benchmarks and the pipeline's fast-path tests) ------------------
+
+POOL_LINEAR_ARCH = "galray_pool_linear"
+POOL_LINEAR_DIM = 640  # convnext_nano's width: each row writes as many bytes as a real backbone's
+
+
+class PoolLinear(nn.Module):
+    """``galray_pool_linear``: (B, C, S, S) -> 8x8 average pool -> flatten -> Linear -> (B, 640).
+
+    A test backbone, not a model of galaxies: about two multiply-adds per input pixel (~0.03 ms of
+    CPU a row at 64 px, a hundredth of convnext_nano's), so a pipeline run with it measures the
+    pipeline's own cost per row, as it would be on a GPU node where the model is fast
+    (``bench/pipeline_ceiling.py``); the embed tests use it so the fast path is what they guard.
+    Any input size; default 64 px; plain [0, 1] input (no normalisation).
+    """
+
+    def __init__(self, dim: int = POOL_LINEAR_DIM, in_chans: int = 3, grid: int = 8):
+        super().__init__()
+        self.grid = grid
+        self.proj = nn.Linear(in_chans * grid * grid, dim)
+        self.num_features = dim
+        self.pretrained_cfg = {"architecture": POOL_LINEAR_ARCH, "input_size": (in_chans, 64, 64), "mean": None,
+                               "std": None}
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.proj(nn.functional.adaptive_avg_pool2d(x_BCHW, self.grid).flatten(1))
+
+
+def galray_pool_linear(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """timm factory of :class:`PoolLinear` (random init only; timm's other arguments are ignored)."""
+    if pretrained:
+        raise BackboneError("model", f"{POOL_LINEAR_ARCH} is a test backbone with no pretrained weights: "
+                            f"use --random-init or a weights file")
+    return PoolLinear()
+
+
+if not timm.is_model(POOL_LINEAR_ARCH):
+    register_model(galray_pool_linear)
+
+
 # --- safe weights ---------------------------------------------------------------------------------
 
 def file_sha256(path: str | Path) -> str:

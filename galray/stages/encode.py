@@ -7,9 +7,9 @@ at the VQ-VAE's image size; the same preprocessing the VQ-VAE was trained with i
 work is one shard, written whole (errors first, codes last), so a rerun after a crash redoes only
 the shards without an output file and nothing is ever duplicated.
 
-(`galray embed`'s streaming pipeline is built around a backbone's pooled embedding and its
-``ShardCollector`` writes ``embedding`` columns, so it is not reused here; this per-shard actor
-pool is the compact equivalent, sharing embed's preprocessing and the shard writer.)
+(`galray embed` has the same shape: one actor call per shard. Both read a shard in blocks with
+:func:`galray.data.stores.read_blocks`, prepare them with :func:`galray.data.preprocess.prepare_block`
+and write with :func:`galray.data.stores.write_shard`.)
 
 **Code store contract** (:mod:`galray.data.stores`): one Parquet file per input shard with
 ``object_id``, ``codes`` (the h*w code grid in raster order) and ``label`` (the input's
@@ -25,23 +25,25 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from galray import __version__
 from galray.config import ConfigError, check
-from galray.data.arrow_safety import open_parquet, read_schema
+from galray.data.arrow_safety import read_schema
 from galray.data.checkpoints import read_checkpoint, weights_hash
-from galray.data.cutouts import CutoutError
+from galray.data.preprocess import ImagePlan, PreprocessConfig, plan_for, prepare_block
+from galray.data.resume import plan_shard_work
 from galray.data.ids import check_ids
 from galray.data.limits import DecodeLimits
-from galray.data.preprocess import ImagePlan, PreprocessConfig, plan_for, plan_images, prepare_image
-from galray.data.resume import plan_shard_work
 from galray.data.provenance import claim_output
-from galray.data.shards import ID_COLUMN
-from galray.data.stores import CODES_STORE_VERSION, codes_table, footer_rows, shard_stem, write_shard
+from galray.data.shards import ID_COLUMN, errors_of
+from galray.data.stores import CODES_STORE_VERSION, codes_table, footer_rows, read_blocks, shard_stem, write_shard
 from galray.stages.pool import ActorPoolConfig, pool_size
 from galray.stages.summary import DEFAULT_MAX_ERROR_FRACTION, StageSummary
 from galray.storage import StorageConfig, arrow_filesystem, join
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
     from galray.models.vqvae import VQVAE
 
 STAGE = "encode"
+BLOCK_ROWS = 1024  # rows read and prepared at a time (a read-ahead thread prepares the next block meanwhile)
 
 
 @dataclass(frozen=True)
@@ -121,60 +124,74 @@ class ShardEncoder:
         self.fs_in, _ = arrow_filesystem(job.input, job.storage)
         self.fs_out, self.out_root = arrow_filesystem(job.output, job.storage)
 
-    def encode_pixels(self, pixels_BCHW: np.ndarray) -> np.ndarray:
-        """(B, C, S, S) uint8 or float [0, 1] pixels -> (B, h*w) int64 codes."""
+    def encode_pixels(self, pixels: np.ndarray, layout: Literal["NCHW", "NHWC"] = "NCHW") -> np.ndarray:
+        """(B, C, S, S) (or (B, S, S, C), layout NHWC) uint8 or float [0, 1] pixels -> (B, h*w) int64 codes."""
         import torch
 
         from galray.models.vqvae import pixels_to_model
 
-        x = pixels_to_model(torch.from_numpy(np.ascontiguousarray(pixels_BCHW)).to(self.device))
+        with warnings.catch_warnings():  # a zero-copy view of the Parquet read is read-only; nothing writes to it
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            x = torch.from_numpy(pixels)
+        if layout == "NHWC":
+            x = x.permute(0, 3, 1, 2)
+        x = pixels_to_model(x.contiguous().to(self.device))
         with torch.inference_mode():
             idx = self.model.encode_indices(x)  # (B, h, w)
         return idx.reshape(idx.shape[0], -1).cpu().numpy()
 
-    def encode_shard(self, path: str) -> tuple[int, int]:
-        job, plan = self.job, self.plan
-        stem = shard_stem(path)
-        source = join(job.input, path.rsplit("/", 1)[-1])
-        with open_parquet(self.fs_in, path, source) as pf:  # the allow-list again: the file may have changed
-            has_label = job.label_column in pf.schema_arrow.names
-            cols = [ID_COLUMN, plan.column] + ([job.label_column] if has_label else [])
-            table = pf.read(columns=cols)
-        # Missing, duplicate, invalid or overlong ids are errors rows as they are read, not a late failure.
-        ids, errors = check_ids(table.column(ID_COLUMN), DecodeLimits())
-        n = len(ids)
-        images = plan_images(table, plan)
-        labels = np.full(n, -1, np.int64)
-        if has_label:
-            raw = table.column(job.label_column).to_pylist()
-            for i, v in enumerate(raw):
-                if i in errors:
-                    continue
+    def _labels(self, table: pa.Table) -> tuple[np.ndarray, list[str | None]]:
+        """A block's labels (-1 for none) and a reason for each row whose label is not an integer."""
+        labels = np.full(table.num_rows, -1, np.int64)
+        reasons: list[str | None] = [None] * table.num_rows
+        if self.job.label_column in table.column_names:
+            for i, v in enumerate(table.column(self.job.label_column).to_pylist()):
                 try:
                     labels[i] = -1 if v is None else int(v)
                 except (TypeError, ValueError):
-                    errors[i] = f"label {v!r} is not an integer"
-        grid = self.model.cfg.latent_size
-        codes = np.zeros((n, grid * grid), np.int64)
-        for start in range(0, n, job.batch_size):
-            rows, pixels = [], []
-            for i in range(start, min(n, start + job.batch_size)):
-                if i in errors:
-                    continue
-                try:
-                    pixels.append(prepare_image(images[i], plan))
-                    rows.append(i)
-                except CutoutError as err:
-                    errors[i] = f"preprocess: {err}"
-            if rows:
-                codes[rows] = self.encode_pixels(np.stack(pixels))
-        ok = np.array([i not in errors for i in range(n)], dtype=bool)
-        meta = {**self.provenance, "source_file": source, "rows": int(ok.sum())}
-        keep = np.flatnonzero(ok)
-        write_shard(codes_table([ids[i] for i in keep], codes[keep], labels[keep], self.model.cfg.codebook_size, meta),
-                    [{"object_id": ids[i], "stage": STAGE, "reason": r, "source_file": source}
-                     for i, r in sorted(errors.items())], self.fs_out, self.out_root, f"{stem}.parquet")
-        return int(ok.sum()), len(errors)
+                    reasons[i] = f"label {v!r} is not an integer"
+        return labels, reasons
+
+    def encode_shard(self, path: str) -> tuple[int, int]:
+        """Encode one shard, block by block (:func:`galray.data.stores.read_blocks`, the preparation
+        `galray embed` uses), and write its codes and errors; returns (rows written, rows errored)."""
+        job, plan = self.job, self.plan
+        source = join(job.input, path.rsplit("/", 1)[-1])
+        schema = read_schema(self.fs_in, path, source)  # the allow-list again: the file may have changed
+        cols = [ID_COLUMN, plan.column] + ([job.label_column] if job.label_column in schema.names else [])
+        n_codes = self.model.cfg.latent_size ** 2
+        ids, codes, labels, reasons = [], [], [], []
+        for block, prepared in read_blocks(self.fs_in, path, cols, BLOCK_ROWS,
+                                           then=lambda t: (t, prepare_block(t, plan)), source=source):
+            block_labels, label_errors = self._labels(block)
+            errors = pc.coalesce(pa.array(label_errors, pa.string()), prepared.errors)
+            ok = pc.is_null(errors).to_numpy(zero_copy_only=False)
+            block_codes = np.zeros((block.num_rows, n_codes), np.int64)
+            for start in range(0, block.num_rows, job.batch_size):  # forward passes of batch_size rows
+                sel = np.flatnonzero(ok[start:start + job.batch_size]) + start
+                if len(sel):
+                    block_codes[sel] = self.encode_pixels(prepared.pixels[sel], prepared.layout)
+            ids.append(block.column(ID_COLUMN))
+            codes.append(block_codes)
+            labels.append(block_labels)
+            reasons.append(errors)
+        # Missing, duplicate, invalid or overlong ids are errors rows as they are read, not a late failure.
+        id_list, problems = check_ids(pa.chunked_array([c for col in ids for c in col.chunks], ids[0].type)
+                                      if ids else pa.array([], pa.string()), DecodeLimits())
+        id_reasons = np.full(len(id_list), None, dtype=object)
+        id_reasons[list(problems)] = list(problems.values())
+        id_col = pa.array(id_list, pa.string())
+        errors = pc.coalesce(pa.array(id_reasons, pa.string()), pa.chunked_array(reasons, pa.string()).combine_chunks())
+        bad = pc.is_valid(errors)
+        keep = np.flatnonzero(~bad.to_numpy(zero_copy_only=False))
+        all_codes = np.concatenate(codes) if codes else np.zeros((0, n_codes), np.int64)
+        all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        meta = {**self.provenance, "source_file": source, "rows": len(keep)}
+        write_shard(codes_table(id_col.take(keep), all_codes[keep], all_labels[keep], self.model.cfg.codebook_size,
+                                meta),
+                    errors_of(pc.filter(id_col, bad), pc.filter(errors, bad), STAGE, source), self.fs_out,
+                    self.out_root, f"{shard_stem(path)}.parquet")
+        return len(keep), len(errors) - len(keep)
 
 
 def encode_store(job: EncodeJob) -> StageSummary:
@@ -190,8 +207,8 @@ def encode_store(job: EncodeJob) -> StageSummary:
     fs_in, shards, todo = work.fs_in, work.shards, work.todo
     checkpoint = read_checkpoint(job.vqvae, job.storage, "a VQ-VAE checkpoint")
     cfg = load_vqvae(checkpoint).cfg  # a bad checkpoint fails here, before any actor starts
-    plan = plan_for(read_schema(fs_in, shards[0].path, join(job.input, shards[0].base_name)), cfg.image_size, cfg.in_channels,
-                    job.preprocess)
+    plan = plan_for(read_schema(fs_in, shards[0].path, join(job.input, shards[0].base_name)), cfg.image_size,
+                    cfg.in_channels, job.preprocess)
     provenance = {"codes_store_version": CODES_STORE_VERSION, "producer": "galray encode",
                   "galray_version": __version__, "vqvae": job.vqvae,
                   "weights": weights_hash(checkpoint.weights), "grid": [cfg.latent_size] * 2,

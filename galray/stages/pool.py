@@ -7,8 +7,9 @@ autoscaler, or no node type with GPUs) it fails at once naming the field, instea
 waiting for resources that never come. So does asking for more CPUs than the cluster has.
 
 - GPU: ``actors`` replicas (default: one per ``num_gpus`` of the cluster's GPUs).
-- CPU: ``actors`` replicas (default: ``CPUs / (2 cpus_per_actor)``, at least one), so that on a
-  small machine half the CPUs stay with the readers and the preprocessing.
+- CPU: ``actors`` replicas (default: ``cpu_share x CPUs / cpus_per_actor``, at least one). Encode
+  keeps half the CPUs for the rest of the machine (cpu_share 0.5); embed's replicas read and prepare
+  their own shards, so they take every CPU (cpu_share 1).
 
 Ray is imported inside :func:`pool_size` only (the config is read by the CLI without Ray).
 """
@@ -40,9 +41,9 @@ class ActorPoolConfig:
         check(self.wait_s >= 0, "wait_s", "must be >= 0")
 
 
-def pool_size(pool: ActorPoolConfig, reserve_cpus: float = 0.0, field_prefix: str = "") -> int:
-    """Replicas of ``pool`` on the current Ray cluster, after checking the cluster can host them next to
-    ``reserve_cpus`` CPUs for other work (embed's preprocessing). Errors name ``<field_prefix>actors`` etc."""
+def pool_size(pool: ActorPoolConfig, field_prefix: str = "", cpu_share: float = 0.5) -> int:
+    """Replicas of ``pool`` on the current Ray cluster, after checking the cluster can host them; on CPU
+    the default count fills ``cpu_share`` of the CPUs. Errors name ``<field_prefix>actors`` etc."""
     import ray
 
     from galray.session import cluster_gpus
@@ -59,11 +60,10 @@ def pool_size(pool: ActorPoolConfig, reserve_cpus: float = 0.0, field_prefix: st
             raise ConfigError(f"{field_prefix}actors", f"{max(n, 1)} actor(s) x {pool.num_gpus:g} GPU(s) need "
                               f"{max(n, 1) * pool.num_gpus:g} GPUs, but the Ray cluster has {gpus:g}")
     else:
-        n = pool.actors or max(1, int(cpus // (2 * pool.cpus_per_actor)))
-    need = n * pool.cpus_per_actor + reserve_cpus
+        n = pool.actors or max(1, int(cpu_share * cpus / pool.cpus_per_actor + 1e-9))
+    need = n * pool.cpus_per_actor
     if need > cpus:
-        reserved = f" plus {reserve_cpus:g} CPU for preprocessing" if reserve_cpus else ""
-        raise ConfigError(f"{field_prefix}actors", f"{n} actor(s) x {pool.cpus_per_actor:g} CPU(s){reserved} need "
+        raise ConfigError(f"{field_prefix}actors", f"{n} actor(s) x {pool.cpus_per_actor:g} CPU(s) need "
                           f"{need:g} CPUs, but the Ray cluster has {cpus:g}; lower --actors or "
                           f"{field_prefix}cpus_per_actor")
     return n
