@@ -29,6 +29,7 @@ from galray.data.stores import embedding_table, read_embeddings
 from galray.export.mlflow_model import log_galray_model
 from galray.models.backbones import BackboneConfig, create_backbone, to_model_input
 from galray.models.checkpoint import save_model
+from galray.models.encoder import SurveyEncoder, encoder_preset
 from galray.models.prior import Prior, PriorConfig
 from galray.models.sae import SAEConfig, SparseAutoencoder, evaluate_sae, planted_dictionary
 from galray.models.sampling import SamplingConfig, sample
@@ -70,7 +71,7 @@ FRESH = textwrap.dedent("""
     root = Path(sys.argv[1])
     mlflow.set_tracking_uri(sys.argv[2])
     info = {}
-    for kind in ("sae", "vqvae", "prior"):
+    for kind in ("sae", "vqvae", "prior", "encoder"):
         model = mlflow.pyfunc.load_model(f"models:/galray-{kind}/1")
         params = {"seed": 7, "temperature": 1.0} if kind == "prior" else None
         np.save(root / f"{kind}_out.npy", model.predict(np.load(root / f"{kind}_in.npy"), params=params))
@@ -95,8 +96,11 @@ def test_registered_models_load_through_pyfunc_in_a_fresh_process_and_predict_li
     sae, x = _sae()
     vq = _tiny_vqvae()
     prior = Prior(PriorConfig(vocab_size=16, num_classes=3, seq_len=16, d_model=32, n_layers=1, n_heads=2)).eval()
-    inputs = {"sae": x[:64].numpy(), "vqvae": torch.rand(5, 3, 16, 16).numpy(), "prior": np.array([0, 2, -1, 1])}
-    for kind, model in (("sae", sae), ("vqvae", vq), ("prior", prior)):
+    torch.manual_seed(0)
+    enc = SurveyEncoder(encoder_preset("pico")).eval()  # 32 px
+    inputs = {"sae": x[:64].numpy(), "vqvae": torch.rand(5, 3, 16, 16).numpy(), "prior": np.array([0, 2, -1, 1]),
+              "encoder": torch.rand(3, 3, 32, 32).numpy()}
+    for kind, model in (("sae", sae), ("vqvae", vq), ("prior", prior), ("encoder", enc)):
         save_model(model, tmp_path / f"ckpt-{kind}")
         (tmp_path / f"ckpt-{kind}" / "train_state.pt").write_bytes(b"optimizer state stays out of the model")
         info = log_galray_model(kind, tmp_path / f"ckpt-{kind}", uri, tracker.run_id, registered_name=f"galray-{kind}")
@@ -112,7 +116,7 @@ def test_registered_models_load_through_pyfunc_in_a_fresh_process_and_predict_li
     # galray ran from the copy inside the MLflow model, and nothing of Ray or training came in
     assert "/artifacts/code/galray/" in info["galray_file"], info["galray_file"]
     assert info["heavy"] == [], info["heavy"]
-    for kind in ("sae", "vqvae", "prior"):
+    for kind in ("sae", "vqvae", "prior", "encoder"):
         assert info[kind]["example"], kind
     assert "float32" in info["sae"]["inputs"] and f"(-1, {D})" in info["sae"]["inputs"]
     assert "int64" in info["vqvae"]["outputs"] and "(-1, 4, 4)" in info["vqvae"]["outputs"]
@@ -120,6 +124,7 @@ def test_registered_models_load_through_pyfunc_in_a_fresh_process_and_predict_li
     with torch.no_grad():
         want = {"sae": sae.encode(torch.from_numpy(inputs["sae"])).numpy(),
                 "vqvae": vq.encode_indices(pixels_to_model(torch.from_numpy(inputs["vqvae"]))).numpy(),
+                "encoder": enc.embed(torch.from_numpy(inputs["encoder"])).numpy(),
                 "prior": sample(prior, torch.tensor([0, 2, 3, 1]), SamplingConfig(),
                                 generator=torch.Generator().manual_seed(7)).numpy()}
     for kind, ref in want.items():

@@ -41,13 +41,13 @@ def requirements() -> list[str]:
 
 def example_input(kind: str, model: torch.nn.Module) -> np.ndarray:
     """A small input in the model's own terms (seeded): embeddings around the SAE's training mean, [0, 1]
-    cutouts at the VQ-VAE's size, the prior's first class and the unconditional label."""
+    cutouts at the VQ-VAE's or the encoder's size, the prior's first class and the unconditional label."""
     gen = torch.Generator().manual_seed(0)
     cfg = model.cfg  # type: ignore[attr-defined]
     if kind == "sae":
         z = torch.randn(EXAMPLE_ROWS, cfg.d_in, generator=gen)
         return (model.norm_mean_D + model.norm_std_D * z).numpy().astype(np.float32)  # type: ignore[operator]
-    if kind == "vqvae":
+    if kind in ("vqvae", "encoder"):
         return torch.rand(EXAMPLE_ROWS, cfg.in_channels, cfg.image_size, cfg.image_size,
                           generator=gen).numpy().astype(np.float32)
     return np.array([0, -1], dtype=np.int64)  # prior

@@ -6,6 +6,8 @@ What each kind's ``predict`` maps (the signature MLflow records says the same):
   (the stored threshold by default, so a code never depends on the other rows);
 - ``vqvae``: preprocessed cutouts (N, C, S, S) float32 in [0, 1] (what `galray encode` feeds the model)
   -> code grids (N, h, w) int64: ``model.encode_indices(pixels_to_model(x))``;
+- ``encoder``: cutouts (N, C, S, S) float32 in [0, 1] at the encoder's size -> embeddings (N, D) float32:
+  ``model.embed`` (what `galray embed --model encoder:CKPT` computes, D4-averaged when the encoder is invariant);
 - ``prior``: class labels (N,) int64 (-1 or ``num_classes``: unconditional) -> code sequences
   (N, seq_len) int64 in raster order of the VQ grid, drawn by ``galray.models.sampling.sample`` with
   the params ``seed``, ``temperature``, ``top_k``, ``top_p``, ``cfg_scale`` (a fixed seed gives the
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from galray.models.checkpoint import load_model
+from galray.models.encoder import SurveyEncoder
 from galray.models.prior import Prior
 from galray.models.sae import SparseAutoencoder
 from galray.models.sampling import SamplingConfig, sample
@@ -49,6 +52,11 @@ def predict_vqvae(model: VQVAE, x: np.ndarray, params: Mapping[str, Any]) -> np.
 
 
 @torch.inference_mode()
+def predict_encoder(model: SurveyEncoder, x: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
+    return model.embed(torch.as_tensor(np.asarray(x, np.float32))).numpy()
+
+
+@torch.inference_mode()
 def predict_prior(model: Prior, labels: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
     p = {**PRIOR_PARAMS, **{k: v for k, v in params.items() if v is not None}}
     labels_B = torch.as_tensor(np.asarray(labels, np.int64).reshape(-1))
@@ -63,6 +71,7 @@ PYFUNC_KINDS: dict[str, tuple[type[nn.Module], Callable[[Any, np.ndarray, Mappin
     "sae": (SparseAutoencoder, predict_sae),
     "vqvae": (VQVAE, predict_vqvae),
     "prior": (Prior, predict_prior),
+    "encoder": (SurveyEncoder, predict_encoder),
 }
 """kind -> (model class, predict function)."""
 
