@@ -17,7 +17,7 @@ import pytest
 
 from conftest import render_page
 
-STAGES = ("simulate", "xdf", "vqvae", "codes", "prior", "embed", "sae", "generate", "features", "analyze", "report")
+STAGES = ("simulate", "xdf", "vqvae", "encoder", "embed_encoder", "codes", "prior", "embed", "sae", "generate", "features", "analyze", "report")
 pytestmark = pytest.mark.timeout(1800)
 
 
@@ -39,11 +39,11 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
 
 def test_demo_writes_every_artifact_under_its_output(demo: tuple[Path, Path, str]) -> None:
     cwd, out, stdout = demo
-    for name in ("sim", "xdf", "codes", "embeddings", "features"):
+    for name in ("sim", "xdf", "codes", "embeddings", "encoder_embeddings", "features"):
         assert list((out / name).glob("*.parquet")), name
     for name in ("sim_montage.png", "generated.png", "mlflow.db", "report.html", "analysis/analysis.json"):
         assert (out / name).stat().st_size > 0, name
-    for run in ("vqvae-demo", "prior-demo", "sae-demo-best"):
+    for run in ("vqvae-demo", "encoder-demo", "prior-demo", "sae-demo-best"):
         assert list((out / "runs" / run).glob("step-*/config.json")), run
     assert (out / "runs" / "sae-demo" / "results.csv").stat().st_size > 0
     # MLflow's artifacts live under the output folder, not in ./mlruns of wherever the user ran it
@@ -67,7 +67,7 @@ def test_demo_runs_are_in_mlflow_with_their_artifacts(demo: tuple[Path, Path, st
     assert exp.artifact_location.startswith((str(out / "mlartifacts"), (out / "mlartifacts").as_uri()))
     found = client.search_runs([exp.experiment_id])
     runs = {r.info.run_name: r for r in found}
-    for name in ("vqvae-demo", "prior-demo", "sae-demo-best", "sae-demo"):
+    for name in ("vqvae-demo", "encoder-demo", "prior-demo", "sae-demo-best", "sae-demo"):
         assert name in runs, sorted(runs)
         run = runs[name]
         assert run.info.status == "FINISHED"

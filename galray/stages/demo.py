@@ -159,6 +159,25 @@ def _vqvae(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
     return {"vqvae": str(vq.checkpoint)}, figures
 
 
+def _encoder(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
+    enc = _train("encoder", paths["store"], "encoder-demo", cfg, {
+        # the pico ConvNeXt (1.4 M parameters) at 32 px: galray's encoder sized for a CPU
+        "preset": "pico", "train": {"lr": 2e-3, "warmup_steps": 5}})
+    return {"encoder": str(enc.checkpoint)}, {k: v for k, v in enc.eval.items() if k.startswith("val_")}
+
+
+def _embed_encoder(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
+    from galray.models.backbone_config import BackboneConfig
+    from galray.stages.embed import EmbedJob, embed_store
+
+    out = {"encoder_embeddings": str(cfg.root / "encoder_embeddings")}
+    summary = embed_store(EmbedJob(input=paths["store"], output=out["encoder_embeddings"],
+                                   backbone=BackboneConfig(name=f"encoder:{paths['encoder']}"), batch_size=64,
+                                   tracking=cfg.tracking()))
+    print(summary.format())
+    return out, {"embedded_rows": float(summary.rows_out)}
+
+
 def _codes(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
     from galray.stages.encode import EncodeJob, encode_store
 
@@ -258,6 +277,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("simulate", "simulating a survey with GalSim", (), ("store", "preview"), _simulate),
     Stage("xdf", "cutting real galaxies from the Hubble XDF", (), ("xdf",), _xdf),
     Stage("vqvae", "training a VQ-VAE on the cutouts (Ray Train)", ("store",), ("vqvae",), _vqvae),
+    Stage("encoder", "training galray's own encoder self-supervised (SimCLR, Ray Train)", ("store",), ("encoder",),
+          _encoder),
+    Stage("embed_encoder", "embedding every cutout with that encoder (Ray Data actor pool)", ("store", "encoder"),
+          ("encoder_embeddings",), _embed_encoder),
     Stage("codes", "encoding every cutout to a code grid (Ray actor pool)", ("store", "vqvae"), ("codes",), _codes),
     Stage("prior", "training the class-conditional prior on the code grids", ("codes",), ("prior",), _prior),
     Stage("embed", "embedding every cutout with the VQ-VAE encoder (Ray Data actor pool)", ("store", "vqvae"),
