@@ -166,16 +166,20 @@ def _encoder(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
     return {"encoder": str(enc.checkpoint)}, {k: v for k, v in enc.eval.items() if k.startswith("val_")}
 
 
-def _embed_encoder(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
+def _embed_with(cfg: DemoJob, paths: Paths, backbone: str, out_key: str) -> tuple[Paths, Figures]:
+    """Embed every simulated cutout with ``backbone`` (a `galray embed --model` name) into OUT/<out_key>."""
     from galray.models.backbone_config import BackboneConfig
     from galray.stages.embed import EmbedJob, embed_store
 
-    out = {"encoder_embeddings": str(cfg.root / "encoder_embeddings")}
-    summary = embed_store(EmbedJob(input=paths["store"], output=out["encoder_embeddings"],
-                                   backbone=BackboneConfig(name=f"encoder:{paths['encoder']}"), batch_size=64,
-                                   tracking=cfg.tracking()))
+    out = {out_key: str(cfg.root / out_key)}
+    summary = embed_store(EmbedJob(input=paths["store"], output=out[out_key], backbone=BackboneConfig(name=backbone),
+                                   batch_size=64, tracking=cfg.tracking()))
     print(summary.format())
     return out, {"embedded_rows": float(summary.rows_out)}
+
+
+def _embed_encoder(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
+    return _embed_with(cfg, paths, f"encoder:{paths['encoder']}", "encoder_embeddings")
 
 
 def _codes(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
@@ -197,15 +201,7 @@ def _prior(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
 
 
 def _embed(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
-    from galray.models.backbone_config import BackboneConfig
-    from galray.stages.embed import EmbedJob, embed_store
-
-    out = {"embeddings": str(cfg.root / "embeddings")}
-    summary = embed_store(EmbedJob(input=paths["store"], output=out["embeddings"],
-                                   backbone=BackboneConfig(name=f"vqvae:{paths['vqvae']}"), batch_size=64,
-                                   tracking=cfg.tracking()))
-    print(summary.format())
-    return out, {"embedded_rows": float(summary.rows_out)}
+    return _embed_with(cfg, paths, f"vqvae:{paths['vqvae']}", "embeddings")
 
 
 def _sae(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
