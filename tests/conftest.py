@@ -195,3 +195,114 @@ def render_page(driver, html: Path, screenshot: Path) -> tuple[list[dict], float
     driver.save_screenshot(str(screenshot))
     with Image.open(screenshot) as im:
         return images, ImageStat.Stat(im.convert("L")).stddev[0]
+
+
+def write_cutouts(uri: str, shards: int, rows: int, storage=None) -> list[str]:
+    """A cutout store of random 32 px g/r/z uint8 images (ids obj-00000, ...) at ``uri``; returns its ids."""
+    import numpy as np
+
+    from galray.data.shards import ImageSpec, make_table, shard_name, write_table
+    from galray.storage import arrow_filesystem
+
+    spec = ImageSpec(shape=(32, 32, 3), bands=("g", "r", "z"))
+    rng = np.random.default_rng(0)
+    fs, root = arrow_filesystem(uri, storage)
+    ids: list[str] = []
+    for s in range(shards):
+        shard = [f"obj-{s * rows + i:05d}" for i in range(rows)]
+        write_table(make_table({"object_id": np.array(shard, dtype=object),
+                                "image": rng.integers(0, 256, (rows, 32, 32, 3), np.uint8)}, spec),
+                    fs, f"{root}/{shard_name(s)}")
+        ids += shard
+    return ids
+
+
+@dataclass(frozen=True)
+class RayHead:
+    """A `ray start --head` of this test session: its dashboard (Jobs API) and the environment of its clients."""
+
+    dashboard: str
+    """http://127.0.0.1:PORT: `ray job submit --address`, JobSubmissionClient, `ray list --address`."""
+    client_env: dict[str, str]
+    """Token authentication as Ray sets it (RAY_AUTH_MODE=token and the cluster's token), nothing else secret."""
+    session_dir: Path
+    """The head's session folder: every log Ray writes for it lies under <session_dir>/logs."""
+    node_secret: str
+    """The S3 secret the head's node holds in its environment (a stand-in for an instance role)."""
+
+
+def _kill_processes_under(marker: str) -> None:
+    """SIGKILL the processes whose command line names ``marker`` (a temp folder only the fixture's Ray uses):
+    the fixture's own Ray, never another Ray on the machine, and no `ray stop`."""
+    import signal
+
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def own_ports() -> list[str]:
+    """`ray start` options for the ports it would otherwise take at fixed defaults (Ray Client 10001, the
+    dashboard agent 52365), which another Ray on the machine may hold."""
+    return [f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}"]
+
+
+def start_ray_head(cmd: list[str], env: dict[str, str], marker: str, attempts: int = 3) -> None:
+    """`ray start --head ...`, retried: Ray gives a new raylet 30 s (hard-coded) to register with the GCS and
+    its dashboard a bounded start, which a loaded machine can miss; a failed attempt's processes are killed
+    before the next."""
+    for attempt in range(attempts):
+        start = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        if start.returncode == 0:
+            return
+        _kill_processes_under(marker)
+        if attempt == attempts - 1:
+            errors = [line for line in start.stderr.splitlines() if " INFO " not in line and " DEBUG " not in line]
+            raise RuntimeError("ray start failed:\n" + "\n".join(errors[-40:]))
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3_auth_server):
+    """A real Ray head on this machine with the dashboard on 127.0.0.1 and token authentication, its node
+    holding the S3 test server's credentials in its environment, as a cloud node holds an instance role."""
+    import tempfile
+
+    pytest.importorskip("aiohttp_cors", reason="the Jobs API needs ray[default] (the test extra installs it)")
+    token = uuid.uuid4().hex
+    temp = Path(tempfile.mkdtemp(prefix="grh", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    node_env = {**os.environ, **client_env, **s3_auth_server.env()}
+    node_env.pop("RAY_ADDRESS", None)
+    dashboard_port, gcs_port = _free_port(), _free_port()
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` CLI of this interpreter
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        start_ray_head([*ray_cli, "start", "--head", f"--port={gcs_port}", "--include-dashboard=true",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
+                        *own_ports(), f"--temp-dir={temp}", "--disable-usage-stats"], node_env, str(temp))
+        # The Jobs API answers before the node's job agent has registered ("No available agent to submit
+        # job, please try again later"): wait for a no-op job to be accepted.
+        deadline = time.time() + 240
+        while True:
+            probe = subprocess.run([*ray_cli, "job", "submit", "--no-wait", "--address", dashboard, "--",
+                                    "python", "-c", "pass"], env={**os.environ, **client_env},
+                                   capture_output=True, text=True, timeout=120)
+            if probe.returncode == 0:
+                break
+            if time.time() > deadline:
+                raise RuntimeError(f"the Ray head's Jobs API did not accept a job: {probe.stderr[-2000:]}")
+            time.sleep(3)
+        yield RayHead(dashboard, {**client_env, "RAY_ADDRESS": dashboard}, temp / "session_latest",
+                      s3_auth_server.secret_key)
+    finally:
+        _kill_processes_under(str(temp))
