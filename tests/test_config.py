@@ -134,3 +134,19 @@ def test_field_spec_reads_types_and_defaults():
     assert field_spec(Outer, "inner.k") == (int, 8)
     assert field_spec(Outer, "inner.widths") == (tuple[int, ...], (64, 128))
     assert field_spec(Outer, "storage.max_attempts") == (int, 10)
+
+
+@pytest.mark.parametrize("resources, field_name", [
+    ({"GPU": 1}, "pool.resources.GPU"),  # has its own setting (num_gpus)
+    ({"galray_pool": 0}, "pool.resources.galray_pool"),
+    ({"galray_pool": "one"}, "pool.resources.galray_pool"),
+])
+def test_pool_custom_resources_are_checked_and_reach_ray(resources, field_name):
+    from galray.stages.embed import EmbedJob
+
+    job = {"input": "in", "output": "out", "backbone": {"name": "test_convnext"}}
+    with pytest.raises(ConfigError) as info:
+        from_dict(EmbedJob, {**job, "pool": {"resources": resources}})
+    assert info.value.field == field_name
+    pool = load(EmbedJob, overrides=["pool.resources.galray_pool=1"], base=job).pool
+    assert pool.ray_options() == {"num_cpus": 1.0, "num_gpus": None, "resources": {"galray_pool": 1.0}}

@@ -339,7 +339,7 @@ def _pipeline(job: EmbedJob, paths: list[str], plan: ImagePlan, dim: int, meta: 
     return ds.map_batches(
         embedder_cls, fn_constructor_kwargs={"job": job, "plan": plan, "dim": dim, "provenance": meta},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=1, batch_format="numpy",
-        num_gpus=job.pool.num_gpus or None, num_cpus=job.pool.cpus_per_actor)
+        **job.pool.ray_options())
 
 
 def embed_dataset(input: str, output: str, model: str, *, weights: str | None = None, batch_size: int = 64,

@@ -226,7 +226,7 @@ def encode_store(job: EncodeJob) -> StageSummary:
         # The model travels as bytes through the object store, so a local checkpoint also works on a
         # cluster. Ray cannot safely restart actors built from object-store arguments (ray#53727), so
         # a crashed actor fails the job instead; the rerun skips every shard already written.
-        cls = ray.remote(ShardEncoder).options(num_cpus=job.pool.cpus_per_actor, num_gpus=job.pool.num_gpus or None)
+        cls = ray.remote(ShardEncoder).options(**job.pool.ray_options())
         actors = [cls.remote(refs[0], refs[1], plan, job, provenance) for _ in range(n)]
         pool = ActorPool(actors)
         for ok, err in pool.map_unordered(lambda a, path: a.encode_shard.remote(path), [s.path for s in todo]):

@@ -305,7 +305,7 @@ def apply_sae(job: FeaturesJob) -> FeaturesSummary:
                 "config_json": checkpoint.config_json, "weights": checkpoint.weights, "job": job,
                 "provenance": provenance, "catalog_columns": columns},
                 compute=ray.data.ActorPoolStrategy(size=actors), batch_size=1, batch_format="numpy",
-                num_cpus=job.pool.cpus_per_actor, num_gpus=job.pool.num_gpus or None)
+                **job.pool.ray_options())
             for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 written += int(out["rows_out"].sum())
                 errored += int(out["rows_errored"].sum())
