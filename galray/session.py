@@ -14,9 +14,15 @@ import sys
 import ray
 
 # Attempts beyond the first that a task gets on the same input. Ray's defaults retry without end
-# (Ray Data's tasks, and tasks its memory monitor kills): an input that kills its worker every time
-# would hang the job. Stages give up after these and put the input's rows in their errors output.
+# (Ray Data's tasks, its actor pools' restarts and calls, and tasks its memory monitor kills): an
+# input that kills its worker every time would hang the job. Stages (ingest's units, embed's and
+# encode's shards) give up after these and put the input's rows in their errors output.
 MAX_RETRIES = 3
+
+
+def gave_up(worker: str) -> str:
+    """The errors-row reason of an input whose ``worker`` died on each of its 1 + MAX_RETRIES attempts."""
+    return f"gave up after {MAX_RETRIES} retries: the {worker} died on every attempt (killed, e.g. for memory)"
 
 
 def ensure_ray(num_cpus: int | None = None, quiet: bool | None = None) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import signal
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -81,9 +83,12 @@ def marker(tmp_path: Path) -> Path:
     assert not path.exists(), "a pickle from a data file ran"
 
 
-# The most resident memory any one Ray worker may reach while it handles an attack. A worker with
-# numpy, pyarrow, PIL and astropy loaded sits near 200-300 MB; the PNG bomb below decoded is 192 MB of
-# pixels (more while PIL converts it), the gzip bomb 200 MB: a worker that decodes either crosses this.
+# The most a Ray worker's private memory (RssAnon) may grow while it handles an attack. Private memory is
+# what decoding allocates; file-backed pages (shared libraries) and shared memory (Ray's object store,
+# mapped into the workers that read from it) are left out. A fresh worker that imports Ray Data, pyarrow,
+# galray, PIL and astropy for its first task grows ~70 MB; the PNG bomb below decoded is 192 MB of RGB
+# pixels (64 MB more while PIL converts it), the gzip bomb 200 MB: a worker that decodes either crosses this.
+MAX_WORKER_GROWTH = 128 << 20
 # Lines Ray's raylet logs when its memory monitor kills a worker (src/ray/raylet/node_manager.cc).
 _OOM_KILL = re.compile(r"killed due to the node running low on memory|Killing worker.*memory", re.IGNORECASE)
 
@@ -106,45 +111,74 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _rss(pid: int) -> int:
+def _private(pid: int) -> int | None:
+    """Bytes of private resident memory (RssAnon) of ``pid``; None once it has exited."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith("RssAnon:"):
                 return int(line.split()[1]) << 10
     except OSError:
         pass
-    return 0
+    return None
+
+
+@dataclass
+class MemoryWatch:
+    """Private memory of this Ray's workers during a test: at its start (``start``; a worker started
+    during the test counts from the median of the workers there at the start, or, with none, from its
+    first sample) and at its highest (``peak``)."""
+
+    start: dict[int, int] = field(default_factory=dict)
+    first: dict[int, int] = field(default_factory=dict)
+    peak: dict[int, int] = field(default_factory=dict)
+
+    def growth(self) -> dict[int, tuple[int, int]]:
+        """{pid: (baseline, growth)} in bytes."""
+        idle = int(np.median(list(self.start.values()))) if self.start else None
+        base = {pid: self.start.get(pid, idle if idle is not None else self.first[pid]) for pid in self.peak}
+        return {pid: (base[pid], self.peak[pid] - base[pid]) for pid in self.peak}
 
 
 @pytest.fixture
 def memory_watch(ray_session):
-    """Shows that no process is killed for memory: Ray's memory monitor logs no kill in this Ray's raylet
-    log while the test runs. Workers' RSS is sampled from /proc every 50 ms and yielded for reports."""
+    """Shows that no process is killed for memory and no worker decodes a bomb: Ray's memory monitor logs no
+    kill in this Ray's raylet log while the test runs, and no worker's private memory grows by
+    MAX_WORKER_GROWTH (sampled from /proc every 50 ms: a worker's own high-water mark is lost when it exits).
+    Growth, not an absolute bound: in the suite's shared Ray, workers that earlier tests left with torch
+    loaded sit near 900 MB before this test starts."""
     node = ray_session._private.worker._global_node
     raylet = node.all_processes["raylet"][0].process.pid
     log = Path(node.get_session_dir_path()) / "logs" / "raylet.out"
     start = log.stat().st_size if log.exists() else 0
-    peak: dict[int, int] = {}
+    watch = MemoryWatch()
+    watch.start = {pid: rss for pid in _children(raylet) if (rss := _private(pid)) is not None}
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(0.05):
             for pid in _children(raylet):
-                peak[pid] = max(peak.get(pid, 0), _rss(pid))
+                rss = _private(pid)
+                if rss is not None:
+                    watch.first.setdefault(pid, rss)
+                    watch.peak[pid] = max(watch.peak.get(pid, 0), rss)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    yield peak
+    yield watch
     stop.set()
     thread.join()
     with open(log, "rb") as f:
         f.seek(start)
         kills = [line for line in f.read().decode(errors="replace").splitlines() if _OOM_KILL.search(line)]
     assert not kills, f"Ray killed workers for memory: {kills[:3]}"
-    assert peak, "no Ray worker was seen"
-    # No absolute RSS bound: in the suite's shared Ray, workers that earlier tests left with torch loaded
-    # sit near 900 MB before this test starts, so a fixed limit fails with no bomb at all. The bombs'
-    # memory is bounded by test_poison_files (errors rows naming the limit) and bench/poison_memory.py.
+    assert watch.peak, "no Ray worker was seen"
+    growth = watch.growth()
+    pid, (base, grew) = max(growth.items(), key=lambda item: item[1][1])
+    print(f"memory_watch: {len(growth)} Ray processes; largest private-memory growth {grew / 2**20:.1f} MB "
+          f"(pid {pid}, from {base / 2**20:.1f} MB)")
+    assert grew < MAX_WORKER_GROWTH, (f"Ray worker {pid}'s private memory grew {grew / 2**20:.0f} MB during the "
+                                      f"test (from {base / 2**20:.0f} MB), over {MAX_WORKER_GROWTH >> 20} MB: "
+                                      "it decoded something it should have refused")
 
 
 # --- the allow-list -----------------------------------------------------------------------------------
@@ -309,12 +343,21 @@ def test_poison_files_are_errors_rows_naming_the_limit(tmp_path, memory_watch):
                                                   **{f"NAXIS{k}": 2 for k in range(1, 10)}}))
     (src / "gzbomb.fits.gz").write_bytes(_gzip_bomb(200 << 20))
     assert (src / "gzbomb.fits.gz").stat().st_size < 1 << 20
+    # Tile-compressed (.fz): a normal cube passes; one whose single tile inflates 54 MB of zeros from 60 kB
+    # (~900x) is refused from its header, before astropy inflates it.
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(rng.normal(size=(3, SIZE, SIZE)).astype(np.float32))]
+                 ).writeto(src / "okfz.fits.fz")
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(np.zeros((3, 3000, 3000), np.int16), compression_type="GZIP_1",
+                                                       tile_shape=(1, 3000, 3000))]).writeto(src / "fzbomb.fits.fz")
+    assert (src / "fzbomb.fits.fz").stat().st_size * 100 < 3 * 3000 * 3000 * 2
     got = ingest(IngestJob(format="fits", input=str(src), output=str(tmp_path / "fits_out"), shard_rows=10))
-    assert (got.rows_in, got.rows_out, got.rows_errored) == (5, 2, 3)
+    assert (got.rows_in, got.rows_out, got.rows_errored) == (7, 3, 4)
     reasons = {e["object_id"]: e["reason"] for e in pq.read_table(tmp_path / "fits_out" / ERRORS_DIR).to_pylist()}
     assert "over limits.max_pixels" in reasons["huge"]
     assert "NAXIS = 9, over limits.max_fits_axes (3)" in reasons["axes"]
     assert "over limits.max_compression_ratio (100x the compressed size)" in reasons["gzbomb"]
+    assert reasons["fzbomb"].startswith("FITS HDU 1 decompresses to 54,000,000 bytes from a ") \
+        and reasons["fzbomb"].endswith("-byte file, over limits.max_compression_ratio (100x)")
 
 
 def test_bad_ids_in_a_parquet_input_are_errors_rows(tmp_path, memory_watch):
@@ -415,3 +458,68 @@ def test_check_ids_keeps_the_first_and_names_each_problem():
     assert problems == {1: "missing object_id", 2: "duplicate object_id (first at row 0)",
                         3: "object_id is not valid UTF-8", 4: "object_id contains control characters (NUL, newline, ...)"}
     assert check_ids(pa.array([7, 8, 7]), DecodeLimits()) == (["7", "8", "7"], {2: "duplicate object_id (first at row 0)"})
+
+
+# --- bounded retries --------------------------------------------------------------------------------
+
+def test_a_shard_that_kills_its_replica_every_time_is_given_up_as_errors_rows(tmp_path, ray_session, monkeypatch):
+    """One shard kills the model replica that reads it (SIGKILL, as the kernel's OOM killer would), every
+    time up to twice the bound, then no longer. embed and encode try it 1 + MAX_RETRIES times, not more,
+    and write its rows as errors rows naming the retries; the other shards come out exactly once, and the
+    job ends normally with too_many_errors for the CLI's exit status."""
+    from galray.models.backbone_config import BackboneConfig
+    from galray.models.checkpoint import save_model
+    from galray.models.vqvae import VQVAE, VQVAEConfig
+    from galray.session import MAX_RETRIES
+    from galray.stages import encode as encode_stage
+    from galray.stages.embed import EmbedJob, ShardEmbedder, embed_store
+    from galray.stages.pool import ActorPoolConfig
+    from galray.tracking import TrackingConfig
+
+    _cutout_store(tmp_path / "in", 3, 4)
+    poison, attempts = shard_name(1), tmp_path / "attempts"
+    attempts.mkdir()
+
+    def die_on_poison(stage: str, path: str) -> None:  # runs in the replica
+        if path.endswith(poison):
+            log = attempts / stage
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()}\n")
+            if len(log.read_text().split()) <= 2 * (MAX_RETRIES + 1):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    class DyingEmbedder(ShardEmbedder):  # defined here, so Ray ships it by value to the actors
+        def embed_shard(self, path):
+            die_on_poison("embed", path)
+            return super().embed_shard(path)
+
+    class DyingEncoder(encode_stage.ShardEncoder):
+        def encode_shard(self, path):
+            die_on_poison("encode", path)
+            return super().encode_shard(path)
+
+    def check(stage: str, summary, out: Path) -> None:
+        assert len((attempts / stage).read_text().split()) == MAX_RETRIES + 1, stage
+        assert (summary.rows_in, summary.rows_out, summary.rows_errored) == (12, 8, 4), stage
+        assert summary.too_many_errors  # 4 of 12 over the default 0.1: the CLI exits 3
+        errors = pq.read_table(out / ERRORS_DIR / poison).to_pylist()
+        assert sorted(e["object_id"] for e in errors) == [f"g1-{i}" for i in range(4)]
+        worker = "model replica embedding" if stage == "embed" else "actor encoding"
+        assert {(e["stage"], e["reason"]) for e in errors} == {(stage, f"gave up after {MAX_RETRIES} retries: the "
+                                                                f"{worker} this shard died on every attempt (killed, "
+                                                                "e.g. for memory)")}
+        ids = [i for n in (0, 1, 2) for i in pq.read_table(out / shard_name(n)).column("object_id").to_pylist()]
+        assert sorted(ids) == sorted(f"g{s}-{i}" for s in (0, 2) for i in range(4))  # exactly once
+
+    out = tmp_path / "emb"
+    check("embed", embed_store(EmbedJob(
+        input=str(tmp_path / "in"), output=str(out), backbone=BackboneConfig("galray_pool_linear", pretrained=False,
+                                                                             input_size=SIZE),
+        pool=ActorPoolConfig(actors=1), tracking=TrackingConfig(enabled=False)), embedder_cls=DyingEmbedder), out)
+
+    save_model(VQVAE(VQVAEConfig(image_size=SIZE, latent_size=4, channels=(8, 16), code_dim=8, codebook_size=16)),
+               tmp_path / "vq")
+    monkeypatch.setattr(encode_stage, "ShardEncoder", DyingEncoder)  # the fault, injected from the test
+    out = tmp_path / "codes"
+    check("encode", encode_stage.encode_store(encode_stage.EncodeJob(
+        input=str(tmp_path / "in"), vqvae=str(tmp_path / "vq"), output=str(out), pool=ActorPoolConfig(actors=1))), out)

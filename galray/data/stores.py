@@ -46,6 +46,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from galray.data.arrow_safety import open_parquet, read_footer, read_table
+from galray.data.ids import check_ids
+from galray.data.limits import DecodeLimits
 from galray.data.shards import ERRORS_DIR, ID_COLUMN, META_KEY, errors_table, list_parquet, read_metadata, write_table
 from galray.storage import StorageConfig, StorageError, arrow_filesystem, join
 
@@ -143,6 +145,12 @@ def read_blocks(fs: pafs.FileSystem, path: str, columns: Sequence[str], rows: in
         while (got := pending.result()) is not None:
             pending = ahead.submit(step)
             yield got[0]
+
+
+def shard_ids(fs: pafs.FileSystem, path: str, source: str | None = None) -> list[str | None]:
+    """The ids of one shard as errors rows show them (:func:`galray.data.ids.check_ids`), its id column
+    alone read through the allow-list: for a shard that a stage gives up on whole (on the driver)."""
+    return check_ids(read_table(fs, path, source, columns=[ID_COLUMN]).column(ID_COLUMN), DecodeLimits())[0]
 
 
 def tensor_view(column: pa.Array | pa.ChunkedArray, shape: Sequence[int]) -> np.ndarray:

@@ -44,12 +44,18 @@ written by one actor call:
    the call that computed all of the shard's rows, so an interrupted run resumes exactly where it
    stopped. Input shards are opened through the Parquet allow-list (:mod:`galray.data.arrow_safety`),
    and ids are checked as they are read (:func:`galray.data.ids.check_ids`).
-2. A killed replica loses no rows and duplicates none: the pool runs with Ray Data's actor-pool
-   defaults ``max_restarts=-1, max_task_retries=-1``, so Ray restarts the actor and re-runs the
-   call it held, which recomputes the shard from its start and writes the same file whole. No row
-   ever leaves an actor, so nothing can be replayed row by row; the driver counts each shard once.
-3. The driver checks that every scheduled shard came back, and the summary that valid plus errored
-   rows equal the input rows from the Parquet footers.
+2. A killed replica loses no rows and duplicates none: Ray restarts the actor and re-runs the call
+   it held, which recomputes the shard from its start and writes the same file whole. No row ever
+   leaves an actor, so nothing can be replayed row by row; the driver counts each shard once.
+   Retries are bounded: a shard gets 1 + :data:`galray.session.MAX_RETRIES` (4) attempts
+   (``max_task_retries``; Ray Data's default retries without end, so one shard that kills its
+   replica every time, e.g. for memory, would hang the job). Ray Data then skips that call
+   (``max_errored_blocks=-1``) and the driver writes the shard's rows as errors rows naming the
+   retries (:func:`write_given_up_embeddings`, which reads its ids alone); the other shards finish,
+   and the job's exit follows ``max_error_fraction``. An exception in a call is not retried: it fails the
+   job at the end, naming the shard, after every other shard is written (a rerun redoes it).
+3. The driver checks that every scheduled shard came back or was given up, and the summary that
+   valid plus errored rows equal the input rows from the Parquet footers.
 
 Memory stays flat: a replica holds two blocks of pixels (read-ahead) and one shard's embeddings
 (1,000 rows x 640 floats = 2.5 MB), the driver one summary row per shard.
@@ -81,7 +87,7 @@ from galray.data.provenance import claim_output
 from galray.data.resume import plan_shard_work
 from galray.data.shards import ID_COLUMN, errors_of
 from galray.data.stores import (EMBED_STORE_VERSION, EMBED_WRITE_OPTIONS, embedding_table, footer_rows, read_blocks,
-                                shard_stem, write_shard)
+                                shard_ids, shard_stem, write_shard)
 from galray.models.backbone_config import BackboneConfig
 from galray.stages.pool import ActorPoolConfig, pool_size
 from galray.stages.summary import DEFAULT_MAX_ERROR_FRACTION, StageSummary, SteadyRate
@@ -97,7 +103,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "embed"
 PATH_COLUMN = "path"  # the input shard of each call
-STEM, ROWS_OUT, ROWS_ERRORED = "stem", "rows_out", "rows_errored"  # the summary row of each shard
+STEM, ROWS_OUT, ROWS_ERRORED, FAILED = "stem", "rows_out", "rows_errored", "failed"  # the summary row of each shard
 
 
 @dataclass(frozen=True)
@@ -222,14 +228,21 @@ class ShardEmbedder:
                                 self.out_root, self.provenance)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        stems, out, err = [], [], []
+        stems, out, err, failed = [], [], [], []
         for path in batch[PATH_COLUMN]:
-            written, errored = self.embed_shard(str(path))
+            # An exception goes to the driver in the summary row: raised, the call would be skipped like one
+            # whose replica died (max_errored_blocks) and its shard given up instead of failing the job.
+            try:
+                written, errored, failure = *self.embed_shard(str(path)), ""
+            except Exception as exc:
+                log.exception("embedding %s failed", path)
+                written, errored, failure = 0, 0, f"{type(exc).__name__}: {exc}"
             stems.append(shard_stem(str(path)))
             out.append(written)
             err.append(errored)
+            failed.append(failure)
         return {STEM: np.array(stems, dtype=object), ROWS_OUT: np.array(out, np.int64),
-                ROWS_ERRORED: np.array(err, np.int64)}
+                ROWS_ERRORED: np.array(err, np.int64), FAILED: np.array(failed, dtype=object)}
 
 
 def write_embeddings(ids: pa.Array | pa.ChunkedArray, emb_ND: np.ndarray, errors: pa.Array, path: str, input_uri: str,
@@ -249,6 +262,19 @@ def write_embeddings(ids: pa.Array | pa.ChunkedArray, emb_ND: np.ndarray, errors
     write_shard(embedding_table(ids, emb_ND, meta), failed, fs, root, f"{shard_stem(path)}.parquet",
                 **EMBED_WRITE_OPTIONS)
     return len(ids), n_bad
+
+
+def write_given_up_embeddings(path: str, job: EmbedJob, fs_in: pafs.FileSystem, fs_out: pafs.FileSystem,
+                              out_root: str, meta: dict[str, Any], dim: int) -> int:
+    """Write a shard whose replica died on every attempt as errors rows only (on the driver, which
+    reads its ids alone); returns its rows."""
+    from galray.session import gave_up
+
+    source = join(job.input, path.rsplit("/", 1)[-1])
+    ids = pa.array(shard_ids(fs_in, path, source), pa.string())
+    reasons = pa.array([gave_up("model replica embedding this shard")] * len(ids), pa.string())
+    return write_embeddings(ids, np.zeros((len(ids), dim), np.float32), reasons, path, job.input, fs_out, out_root,
+                            meta)[1]
 
 
 # --- the job --------------------------------------------------------------------------------------
@@ -292,7 +318,8 @@ def embed_store(job: EmbedJob, embedder_cls: type[ShardEmbedder] = ShardEmbedder
     run = StageRun(job.tracking, STAGE, job, job.output)
     rate = SteadyRate(t0, total=sum(rows.values()))
     done: set[str] = set()
-    written = errored = replayed = 0
+    failures: dict[str, str] = {}
+    written = errored = replayed = given_up = 0
     try:
         for path in [p for p, n in rows.items() if n == 0]:  # empty shards get an (empty) output too, so reruns skip them
             write_embeddings(pa.array([], pa.string()), np.zeros((0, dim), np.float32), pa.array([], pa.string()),
@@ -301,17 +328,24 @@ def embed_store(job: EmbedJob, embedder_cls: type[ShardEmbedder] = ShardEmbedder
         if actors:
             ds = _pipeline(job, [p for p, n in rows.items() if n > 0], plan, dim, meta, actors, embedder_cls)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for stem, out, err in zip(batch[STEM], batch[ROWS_OUT], batch[ROWS_ERRORED]):
+                for stem, out, err, failure in zip(batch[STEM], batch[ROWS_OUT], batch[ROWS_ERRORED], batch[FAILED]):
                     if stem in done:  # a re-run call's row (Ray Data emits a call's output once; never count twice)
                         replayed += 1
                         continue
                     done.add(stem)
+                    if failure:
+                        failures[stem] = failure
                     written, errored = written + int(out), errored + int(err)
                 rate.update(written + errored)
                 run.progress(written + errored, shards_done=len(done))
-        missing = sorted({shard_stem(p) for p in rows} - done)
-        if missing:
-            raise RuntimeError(f"{len(missing)} shard(s) never came back, nothing counted for them: {missing[:5]}")
+        # Calls Ray Data gave up on (their replica died on every attempt) came back with no row: errors rows.
+        for path in [p for p in rows if shard_stem(p) not in done]:
+            errored += write_given_up_embeddings(path, job, fs_in, fs_out, out_root, meta, dim)
+            given_up += 1
+        if failures:
+            stem, failure = next(iter(failures.items()))
+            raise RuntimeError(f"{len(failures)} shard(s) failed, nothing written for them (a rerun redoes them); "
+                               f"{stem}: {failure}")
     except BaseException:
         run.finish(None)
         raise
@@ -319,7 +353,8 @@ def embed_store(job: EmbedJob, embedder_cls: type[ShardEmbedder] = ShardEmbedder
                            seconds=time.perf_counter() - t0, output=job.output, skipped_shards=len(shards) - len(todo),
                            startup_s=rate.startup_s, steady_rows_per_s=rate.rows_per_s,
                            steady_window_s=rate.window_s, max_error_fraction=job.max_error_fraction)
-    run.finish(summary, {"actors": actors, "replayed_shards": replayed, "embedding_dim": dim})
+    run.finish(summary, {"actors": actors, "replayed_shards": replayed, "given_up_shards": given_up,
+                         "embedding_dim": dim})
     summary.check()
     return summary
 
@@ -329,17 +364,22 @@ def _pipeline(job: EmbedJob, paths: list[str], plan: ImagePlan, dim: int, meta: 
     """The lazy Ray Data plan: the shard paths, one call of the replicas' pool per shard."""
     import ray
 
+    from galray.session import MAX_RETRIES
+
     # Ray Data's own Parquet reader is not used: its read tasks ask for a whole CPU each, so a pool
     # holding every CPU (the best layout when the replicas read their own shards) would leave them
     # unschedulable and the job waiting for ever; and the unit of output is the input shard.
     ds = ray.data.from_items([{PATH_COLUMN: p} for p in paths], override_num_blocks=len(paths))
-    # The pool restarts a killed actor and re-runs the call it held: Ray Data's actor pools default
-    # to max_restarts=-1, max_task_retries=-1, which exactly-once output relies on (a re-run call
-    # rewrites its shard's file whole).
-    return ds.map_batches(
-        embedder_cls, fn_constructor_kwargs={"job": job, "plan": plan, "dim": dim, "provenance": meta},
-        compute=ray.data.ActorPoolStrategy(size=actors), batch_size=1, batch_format="numpy",
-        **job.pool.ray_options())
+    # The pool restarts a killed actor (max_restarts=-1: it stays full) and re-runs the call it held
+    # (a re-run call rewrites its shard's file whole), MAX_RETRIES times, not Ray Data's default of
+    # without end; a call still failing then is skipped, not fatal: the driver gives its shard up.
+    ds.context.max_errored_blocks = -1
+    with warnings.catch_warnings():  # Ray 2.60 names no parameter for these; ray_remote_args is the way
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        return ds.map_batches(
+            embedder_cls, fn_constructor_kwargs={"job": job, "plan": plan, "dim": dim, "provenance": meta},
+            compute=ray.data.ActorPoolStrategy(size=actors), batch_size=1, batch_format="numpy",
+            max_restarts=-1, max_task_retries=MAX_RETRIES, **job.pool.ray_options())
 
 
 def embed_dataset(input: str, output: str, model: str, *, weights: str | None = None, batch_size: int = 64,

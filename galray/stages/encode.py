@@ -15,7 +15,9 @@ and write with :func:`galray.data.stores.write_shard`.)
 ``object_id``, ``codes`` (the h*w code grid in raster order) and ``label`` (the input's
 ``label_column`` where it has one, else -1); grid, codebook size, checkpoint and weights hash in
 the metadata. Rows that cannot be encoded go to ``_errors/<shard>.parquet``; valid plus errored
-rows equal the input rows. A rerun into an output made with other settings or another
+rows equal the input rows. A shard whose actor dies on each of its 1 + MAX_RETRIES attempts (a new
+actor each time, :func:`galray.stages.pool.map_bounded`) is given up: its rows become errors rows
+naming the retries, and the other shards finish. A rerun into an output made with other settings or another
 checkpoint is refused, naming the field (:mod:`galray.data.provenance`; ``overwrite`` replaces it
 entirely); with the same ones, finished shards (output plus error rows equal input rows) are
 skipped, so a rerun resumes.
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from galray import __version__
 from galray.config import ConfigError, check
@@ -43,8 +46,10 @@ from galray.data.ids import check_ids
 from galray.data.limits import DecodeLimits
 from galray.data.provenance import claim_output
 from galray.data.shards import ID_COLUMN, errors_of
-from galray.data.stores import CODES_STORE_VERSION, codes_table, footer_rows, read_blocks, shard_stem, write_shard
-from galray.stages.pool import ActorPoolConfig, pool_size
+from galray.data.stores import (CODES_STORE_VERSION, codes_table, footer_rows, read_blocks, shard_ids, shard_stem,
+                                write_shard)
+from galray.session import MAX_RETRIES, gave_up
+from galray.stages.pool import ActorPoolConfig, map_bounded, pool_size
 from galray.stages.summary import DEFAULT_MAX_ERROR_FRACTION, StageSummary
 from galray.storage import StorageConfig, arrow_filesystem, join
 
@@ -194,10 +199,22 @@ class ShardEncoder:
         return len(keep), len(errors) - len(keep)
 
 
+def write_given_up_codes(path: str, job: EncodeJob, fs_in: pafs.FileSystem, fs_out: pafs.FileSystem, out_root: str,
+                         codebook_size: int, n_codes: int, provenance: dict[str, Any]) -> int:
+    """Write a shard whose actor died on every attempt as errors rows only (on the driver, which reads
+    its ids alone); returns its rows."""
+    source = join(job.input, path.rsplit("/", 1)[-1])
+    ids = pa.array(shard_ids(fs_in, path, source), pa.string())
+    reasons = pa.array([gave_up("actor encoding this shard")] * len(ids), pa.string())
+    empty = codes_table(pa.array([], pa.string()), np.zeros((0, n_codes), np.int64), np.zeros(0, np.int64),
+                        codebook_size, {**provenance, "source_file": source, "rows": 0})
+    write_shard(empty, errors_of(ids, reasons, STAGE, source), fs_out, out_root, f"{shard_stem(path)}.parquet")
+    return len(ids)
+
+
 def encode_store(job: EncodeJob) -> StageSummary:
     """Encode every unfinished shard of ``job.input`` into ``job.output``; returns the stage summary."""
     import ray
-    from ray.util import ActorPool
 
     from galray.session import ensure_ray
 
@@ -224,16 +241,15 @@ def encode_store(job: EncodeJob) -> StageSummary:
         n = min(pool_size(job.pool, field_prefix="pool."), len(todo))
         refs = ray.put(checkpoint.config_json), ray.put(checkpoint.weights)
         # The model travels as bytes through the object store, so a local checkpoint also works on a
-        # cluster. Ray cannot safely restart actors built from object-store arguments (ray#53727), so
-        # a crashed actor fails the job instead; the rerun skips every shard already written.
+        # cluster. A crashed actor is replaced by a new one (Ray cannot safely restart actors built from
+        # object-store arguments, ray#53727) and its shard tried again, MAX_RETRIES times at most.
         cls = ray.remote(ShardEncoder).options(**job.pool.ray_options())
-        actors = [cls.remote(refs[0], refs[1], plan, job, provenance) for _ in range(n)]
-        pool = ActorPool(actors)
-        for ok, err in pool.map_unordered(lambda a, path: a.encode_shard.remote(path), [s.path for s in todo]):
-            written += ok
-            errored += err
-        for a in actors:
-            ray.kill(a)
+        results, given_up = map_bounded(lambda: cls.remote(refs[0], refs[1], plan, job, provenance), n,
+                                        [s.path for s in todo], lambda a, path: a.encode_shard.remote(path),
+                                        MAX_RETRIES)
+        written, errored = sum(ok for ok, _ in results), sum(err for _, err in results)
+        errored += sum(write_given_up_codes(path, job, fs_in, work.fs_out, work.out_root, cfg.codebook_size,
+                                            cfg.latent_size ** 2, provenance) for path in given_up)
     summary = StageSummary(stage=STAGE, rows_in=rows_in, rows_out=written, rows_errored=errored,
                            seconds=time.perf_counter() - t0, output=job.output, skipped_shards=len(shards) - len(todo),
                            max_error_fraction=job.max_error_fraction)

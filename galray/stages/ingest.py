@@ -43,7 +43,7 @@ from galray.data.provenance import claim_output
 from galray.data.resume import finished
 from galray.data.shards import ERRORS_DIR, ID_COLUMN, IMAGE_COLUMN, list_parquet, shard_name
 from galray.data.stores import footer_rows, write_shard
-from galray.session import MAX_RETRIES, ensure_ray
+from galray.session import MAX_RETRIES, ensure_ray, gave_up
 from galray.stages.summary import DEFAULT_MAX_ERROR_FRACTION, StageSummary
 from galray.storage import StorageConfig, arrow_filesystem, check_access
 
@@ -151,9 +151,7 @@ def run_unit(unit: Unit, job: IngestJob, ctx: ReadContext) -> dict[str, Any]:
 
 def give_up_unit(unit: Unit, job: IngestJob, ctx: ReadContext) -> dict[str, Any]:
     """Write a unit whose task failed every attempt as errors rows only (run on the driver; reads nothing)."""
-    reason = (f"gave up after {MAX_RETRIES} retries: the worker reading this unit died on every attempt "
-              "(killed, e.g. for memory)")
-    return run_unit(dataclasses.replace(unit, refused=reason), job, ctx)
+    return run_unit(dataclasses.replace(unit, refused=gave_up("worker reading this unit")), job, ctx)
 
 
 def ingest(job: IngestJob) -> StageSummary:

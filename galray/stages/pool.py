@@ -12,15 +12,22 @@ waiting for resources that never come. So does asking for more CPUs than the clu
   keeps half the CPUs for the rest of the machine (cpu_share 0.5); embed's replicas read and prepare
   their own shards, so they take every CPU (cpu_share 1).
 
-Ray is imported inside :func:`pool_size` only (the config is read by the CLI without Ray).
+:func:`map_bounded` runs a pool of plain Ray actors over a list of inputs (`galray encode`'s shards)
+with a bounded number of attempts per input; `galray embed` gets the same bound from Ray Data's own
+actor pool (``max_task_retries``).
+
+Ray is imported inside functions only (the config is read by the CLI without Ray).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from galray.config import ConfigError, check
+
+if TYPE_CHECKING:
+    import ray.actor
 
 # Resources with their own setting (num_gpus, cpus_per_actor) or that Ray manages itself.
 _BUILT_IN = ("CPU", "GPU", "memory", "object_store_memory")
@@ -88,3 +95,48 @@ def pool_size(pool: ActorPoolConfig, field_prefix: str = "", cpu_share: float = 
                           f"{need:g} CPUs, but the Ray cluster has {cpus:g}; lower --actors or "
                           f"{field_prefix}cpus_per_actor")
     return n
+
+
+def map_bounded(new_actor: Callable[[], "ray.actor.ActorHandle"], actors: int, inputs: Sequence[str],
+                call: Callable[["ray.actor.ActorHandle", str], Any], retries: int) -> tuple[list[Any], list[str]]:
+    """``call(actor, input)`` (an ObjectRef) for every input over a pool of ``actors`` actors made by
+    ``new_actor``; returns (the results, the inputs given up).
+
+    An actor that dies in a call (killed, e.g. for memory) is replaced by a new one, and its input
+    is tried again first, ``retries`` times at most; after that the input is given up, and the others
+    go on. (New actors, not Ray's restarts: Ray cannot safely restart an actor built from object-store
+    arguments, ray#53727.) An exception raised in a call or in an actor's constructor is not retried: it
+    propagates.
+    """
+    import ray
+    from ray.exceptions import OutOfMemoryError, RayActorError
+
+    queue = [(name, 0) for name in inputs]  # (input, attempts so far)
+    idle = [new_actor() for _ in range(min(actors, len(queue)))]
+    running: dict[Any, tuple[Any, str, int]] = {}
+    results: list[Any] = []
+    given_up: list[str] = []
+    try:
+        while queue or running:
+            while idle and queue:
+                actor = idle.pop()
+                name, tries = queue.pop(0)
+                running[call(actor, name)] = (actor, name, tries)
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            actor, name, tries = running.pop(ref)
+            try:
+                results.append(ray.get(ref))
+                idle.append(actor)
+            except (RayActorError, OutOfMemoryError) as err:
+                if isinstance(err, RayActorError) and err.actor_init_failed:
+                    raise  # its constructor raised: every actor would, whatever the input
+                ray.kill(actor)
+                idle.append(new_actor())
+                if tries < retries:
+                    queue.insert(0, (name, tries + 1))
+                else:
+                    given_up.append(name)
+    finally:
+        for actor in idle + [a for a, _, _ in running.values()]:
+            ray.kill(actor)
+    return results, given_up
