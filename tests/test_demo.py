@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +40,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
 
 def test_demo_writes_every_artifact_under_its_output(demo: tuple[Path, Path, str]) -> None:
     cwd, out, stdout = demo
-    for name in ("sim", "xdf", "codes", "embeddings", "encoder_embeddings", "features"):
+    for name in ("sim", "xdf", "codes", "embeddings", "encoder_embeddings", "features", "xdf_embeddings",
+                 "xdf_features"):
         assert list((out / name).glob("*.parquet")), name
     for name in ("sim_montage.png", "generated.png", "mlflow.db", "report.html", "analysis/analysis.json"):
         assert (out / name).stat().st_size > 0, name
@@ -73,6 +75,8 @@ def test_demo_runs_are_in_mlflow_with_their_artifacts(demo: tuple[Path, Path, st
         assert run.info.status == "FINISHED"
         assert run.data.metrics, name
         assert client.list_artifacts(run.info.run_id), name
+    # the self-supervised encoder read the real XDF cutouts beside the simulated ones
+    assert {d.dataset.name for d in runs["encoder-demo"].inputs.dataset_inputs} == {"sim", "xdf"}
     # the Tune campaign is a parent run with one child run per trial
     children = [r for r in found if r.data.tags.get("mlflow.parentRunId") == runs["sae-demo"].info.run_id]
     assert len(children) == 4
@@ -91,7 +95,7 @@ def test_demo_rerun_reuses_every_stage(demo: tuple[Path, Path, str]) -> None:
 def test_demo_subset_without_its_inputs_fails_at_start(tmp_path: Path) -> None:
     proc = _galray("demo", "--fast", "--output", str(tmp_path / "fresh"), "--set", "stages=[embed]", cwd=tmp_path)
     assert proc.returncode == 2
-    assert "stages: stage embed needs what simulate, vqvae make" in proc.stderr
+    assert "stages: stage embed needs what simulate, vqvae, xdf make" in proc.stderr
     assert not (tmp_path / "fresh").exists()
 
 
@@ -101,3 +105,25 @@ def test_demo_report_renders_in_headless_chromium(demo: tuple[Path, Path, str], 
     assert len(images) > 20
     assert [i["alt"] for i in images if i["naturalWidth"] == 0] == []
     assert spread > 10, "the screenshot is blank"
+
+
+def test_demo_galleries_hold_real_xdf_galaxies_marked_as_such(demo: tuple[Path, Path, str]) -> None:
+    """The SAE galleries draw from the simulated and the XDF feature stores together; the report captions
+    the real galaxies "XDF", and the alignment stays on the simulated rows (the ones with ground truth)."""
+    import pandas as pd
+
+    _, out, _ = demo
+    gal = pd.read_parquet(out / "analysis" / "galleries.parquet")
+    sae = gal[gal["gallery"].str.startswith("sae ")]
+    real = sae[sae["source"] == "XDF"]
+    assert len(real) > 0 and real["object_id"].str.startswith("xdf-").all()
+    assert not sae[sae["source"] == ""]["object_id"].str.startswith("xdf-").any()
+    for _, g in sae.groupby("gallery"):  # one ranking over both stores: strongest first
+        assert g.sort_values("rank")["value"].is_monotonic_decreasing
+    summary = json.loads((out / "analysis" / "analysis.json").read_text())
+    assert summary["gallery_sources"]["XDF"] == str(out / "xdf_features")
+    assert int(summary["headline"]["objects analysed"].replace(",", "")) == 300  # the simulated rows only
+    page = (out / "report.html").read_text()
+    captioned = re.findall(r'alt="([^"]+)"[^>]*><span class="src">([^<]+)</span>', page)
+    assert captioned and all(oid.startswith("xdf-") and src == "XDF" for oid, src in captioned)
+    assert "have no ground truth" in page

@@ -22,7 +22,8 @@ from PIL import Image
 from galray.data.cutouts import CutoutError
 from galray.data.preprocess import ImagePlan, prepare_image
 
-GALLERY_COLUMNS = ("gallery", "rank", "object_id", "value", "png")
+GALLERY_COLUMNS = ("gallery", "rank", "object_id", "value", "png", "source")
+"""``source``: "" for the analysed store's objects, else the name of the store they come from (e.g. XDF)."""
 
 
 def display_pixels(image: np.ndarray | bytes, plan: ImagePlan) -> np.ndarray:
@@ -52,14 +53,15 @@ def extremes(scores_N: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return order[:n], order[::-1][:n]
 
 
-def gallery_rows(gallery: str, object_ids: Sequence[str], values: Sequence[float],
-                 pictures: Mapping[str, np.ndarray], size: int | None = None) -> list[dict[str, Any]]:
-    """Rows of one gallery in rank order; objects without a picture (unreadable cutouts) are left out."""
+def gallery_rows(gallery: str, objects: Sequence[tuple[str, str]], values: Sequence[float],
+                 pictures: Mapping[tuple[str, str], np.ndarray], size: int | None = None) -> list[dict[str, Any]]:
+    """Rows of one gallery in rank order; ``objects`` are ``(source, object_id)`` pairs (ids are unique only
+    within a store) and key ``pictures``; objects without a picture (unreadable cutouts) are left out."""
     rows = []
-    for oid, value in zip(object_ids, values):
-        if oid in pictures:
-            rows.append({"gallery": gallery, "rank": len(rows), "object_id": str(oid), "value": float(value),
-                         "png": thumbnail_png(pictures[oid], size)})
+    for key, value in zip(objects, values):
+        if key in pictures:
+            rows.append({"gallery": gallery, "rank": len(rows), "object_id": str(key[1]), "value": float(value),
+                         "png": thumbnail_png(pictures[key], size), "source": str(key[0])})
     return rows
 
 

@@ -52,7 +52,7 @@ class ReportInputs:
 
     def gallery(self, name: str) -> pd.DataFrame:
         if self.galleries is None or self.galleries.empty:
-            return pd.DataFrame(columns=["gallery", "rank", "object_id", "value", "png"])
+            return pd.DataFrame(columns=["gallery", "rank", "object_id", "value", "png", "source"])
         return self.galleries[self.galleries["gallery"] == name].sort_values("rank")
 
 
@@ -111,11 +111,15 @@ def figure(inputs: ReportInputs, name: str, caption: str, lazy: bool = True) -> 
 
 
 def thumbnails(rows: pd.DataFrame, value_name: str = "activation") -> str:
-    """A strip of gallery thumbnails; hovering one shows its object_id and value."""
+    """A strip of gallery thumbnails; hovering one shows its object_id and value. A thumbnail from another
+    store than the analysed one (its ``source``, e.g. real XDF galaxies) carries that name as a caption."""
     cells = []
     for r in rows.itertuples():
-        tip = f"{r.object_id}  {value_name} {r.value:.3g}"
-        cells.append(f'<a class="thumb" title="{_e(tip)}">{img(bytes(r.png), str(r.object_id), width=THUMB_PX, height=THUMB_PX)}</a>')
+        source = str(getattr(r, "source", "") or "")  # analyses made before sources existed have none
+        tip = f"{r.object_id}  {value_name} {r.value:.3g}" + (f"  ({source})" if source else "")
+        badge = f'<span class="src">{_e(source)}</span>' if source else ""
+        cells.append(f'<a class="thumb" title="{_e(tip)}">'
+                     f'{img(bytes(r.png), str(r.object_id), width=THUMB_PX, height=THUMB_PX)}{badge}</a>')
     return f'<div class="strip">{"".join(cells)}</div>' if cells else '<p class="muted">no cutouts</p>'
 
 
@@ -165,10 +169,21 @@ def galleries(inputs: ReportInputs) -> Section | None:
     cards = []
     for item in chosen:
         f = int(item["feature"])
+        rows = inputs.gallery(f"sae {f}")
+        counts = rows["source"].value_counts() if "source" in rows else pd.Series(dtype=int)
         sub = (f'{_e(item.get("why", ""))} · fires on {100 * item.get("frequency", 0):.1f}% · '
-               f'{_correlations(inputs, "sae", f)}')
-        cards.append(_card(f"SAE feature {f}", sub, thumbnails(inputs.gallery(f"sae {f}"))))
-    return Section("galleries", "What the SAE features pick: top-activating galaxies", "".join(cards)
+               f'{_correlations(inputs, "sae", f)}'
+               + "".join(f" · {n} of {len(rows)} from {_e(k)}" for k, n in counts.items() if k))
+        cards.append(_card(f"SAE feature {f}", sub, thumbnails(rows)))
+    others = {k: v for k, v in inputs.summary.get("gallery_sources", {}).items() if k}
+    intro = ""
+    if others:
+        names = ", ".join(f"<b>{_e(k)}</b> ({_e(v)})" for k, v in others.items())
+        intro = (f'<p>Each gallery holds the most activating objects of {_e(inputs.summary["gallery_sources"][""])} '
+                 f'and of {names} together, by activation; a caption marks those from {", ".join(map(_e, others))}. '
+                 f'Those objects have no ground truth: by design, the alignment with the labels (above) and PCA '
+                 f'(below) use only the rows of the analysed store.</p>')
+    return Section("galleries", "What the SAE features pick: top-activating galaxies", intro + "".join(cards)
                    + figure(inputs, "rho_heatmap", "Signed Spearman rho of these features with every label."))
 
 
@@ -291,7 +306,8 @@ figure img{max-width:100%;height:auto;display:block;margin:0 auto}figcaption{col
 .stat .v{font-size:18px;font-weight:600}.stat .k{color:var(--muted);font-size:12px}
 .card{background:#fff;border:1px solid var(--line);border-radius:8px;padding:10px 12px;margin:10px 0}
 .card-h{margin-bottom:6px}.muted{color:var(--muted);font-size:12.5px}.child{margin:8px 0 2px;font-size:12.5px;color:var(--muted)}
-.strip{display:flex;flex-wrap:wrap;gap:3px}.thumb img{display:block;width:72px;height:72px;image-rendering:pixelated;border-radius:3px;background:#000}
+.strip{display:flex;flex-wrap:wrap;gap:3px}.thumb{position:relative}.thumb img{display:block;width:72px;height:72px;image-rendering:pixelated;border-radius:3px;background:#000}
+.src{position:absolute;left:2px;bottom:2px;background:var(--accent);color:#fff;font-size:10px;font-weight:600;padding:0 3px;border-radius:2px}
 .pair{display:grid;grid-template-columns:1fr 1fr;gap:14px}
 .tbl{border-collapse:collapse;font-size:12.5px;background:#fff}.tbl th,.tbl td{border-bottom:1px solid var(--line);padding:3px 8px;text-align:right}
 .tbl th{background:#f3f4f6}.tbl td:first-child,.tbl th:first-child{text-align:left}

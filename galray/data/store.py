@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,14 +32,19 @@ def shard_paths(uri: str, storage: StorageConfig | None = None) -> tuple[pafs.Fi
     return fs, [f.path for f in files]
 
 
-def read_store(uri: str, storage: StorageConfig | None = None, columns: list[str] | None = None,
+def read_store(uri: str | Sequence[str], storage: StorageConfig | None = None, columns: list[str] | None = None,
                **read_kwargs: Any) -> ray.data.Dataset:
     """Stream a cutout store as a Ray Dataset (one read task per shard; nothing is held in memory).
 
+    ``uri`` may list several stores on one filesystem, read as one dataset: the caller checks that
+    ``columns`` have the same types in each (other columns are not read).
     In numpy batches the image column arrives as an (N, *shape) ndarray.
     """
     ensure_ray()
-    fs, paths = shard_paths(uri, storage)
+    uris = [uri] if isinstance(uri, str) else list(uri)
+    fs, paths = shard_paths(uris[0], storage)
+    for more in uris[1:]:
+        paths += shard_paths(more, storage)[1]
     ds = ray.data.read_parquet(paths, filesystem=fs, **read_kwargs)
     # select_columns is pushed down into the Parquet read (read_parquet's columns= is deprecated)
     return ds.select_columns(columns) if columns else ds

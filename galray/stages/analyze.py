@@ -12,7 +12,9 @@ the SAE checkpoint, the cutout store), on a sample of up to ``max_rows`` objects
    frequency vs PCA components vs the null), the most aligned features, and "novel" features
    (frequent, but a linear regression on every label explains little of them on held-out folds).
 2. **Galleries** (:mod:`galray.analysis.galleries`): the top-activating cutouts of the chosen
-   features over the *whole* feature store (one streaming pass), PCA components at both extremes
+   features over the *whole* feature store (one streaming pass), and over ``gallery_inputs`` (more
+   feature stores of the same SAE, e.g. real galaxies without ground truth, ranked with the
+   analysed store's objects and marked with their store's name), PCA components at both extremes
    (in the sample), as thumbnails.
 3. **Feature families** (:mod:`galray.analysis.families`): children of the wide SAE matched to
    parents of a narrow one (the Matryoshka SAE's first group, or ``narrow_sae``).
@@ -77,6 +79,10 @@ class AnalyzeJob:
     """Embedding store for PCA; default: the one the feature store was made from."""
     cutouts: str | None = None
     """Cutout store for the galleries; default: the feature store's catalog store."""
+    gallery_inputs: dict[str, str] = field(default_factory=dict)
+    """More feature stores of the same SAE, by the name their thumbnails carry (``{XDF: FEATURE_STORE}``),
+    whose objects compete with ``input``'s for the SAE galleries, e.g. real galaxies without ground truth.
+    Only ``input``'s rows are aligned and go into PCA; each store's cutouts come from its catalog store."""
     labels: tuple[str, ...] | None = None
     """Catalog columns to align with; default: every numeric column (ids and positions excepted)."""
     exclude_labels: tuple[str, ...] = ()
@@ -150,6 +156,9 @@ class AnalyzeJob:
         check(self.thumb_px >= 16, "thumb_px", "must be at least 16")
         check(0.0 <= self.min_frequency < 1.0, "min_frequency", "must be in [0, 1)")
         check(self.tsne_points >= 10, "tsne_points", "must be at least 10")
+        for name, uri in self.gallery_inputs.items():
+            check(bool(name) and bool(uri), f"gallery_inputs.{name}", "needs a name and a feature store URI")
+            check(uri.rstrip("/") != self.input.rstrip("/"), f"gallery_inputs.{name}", "must differ from input")
 
 
 @dataclass(frozen=True)
@@ -341,34 +350,57 @@ def choose_gallery(job: AnalyzeJob, sae: "Alignment", recovery: pd.DataFrame, no
     return items
 
 
+def gallery_sources(job: AnalyzeJob, meta: dict[str, Any]) -> dict[str, tuple[str, str | None]]:
+    """``{source: (feature store, cutout store)}`` of the galleries: ``input`` as source "" and each of
+    ``gallery_inputs`` by its name. A store made with another SAE (its latents are other features) fails
+    naming its field."""
+    sources = {"": (job.input, job.cutouts or meta.get("catalog"))}
+    for name, uri in job.gallery_inputs.items():
+        other = read_features(uri, job.storage, max_rows=1)[1]
+        if other.get("producer") != "galray features" or other.get("weights") != meta.get("weights"):
+            raise ConfigError(f"gallery_inputs.{name}", f"{uri} is not a feature store of the SAE of {job.input} "
+                                                        f"(weights {meta.get('weights')})")
+        sources[name] = (uri, other.get("catalog"))
+    return sources
+
+
 def gallery_step(job: AnalyzeJob, sample: Sample, scores: np.ndarray, explained: list[float],
                  latents: list[int], out: Outputs) -> None:
-    """Top-activating cutouts of ``latents`` over the whole store, and PCA extremes in the sample, as thumbnails."""
+    """Top-activating cutouts of ``latents`` over the whole of every gallery source (``input`` and
+    ``gallery_inputs``, merged by activation), and PCA extremes in the sample, as thumbnails."""
     from galray.analysis.galleries import extremes, gallery_rows
 
-    wanted: dict[str, list[tuple[str, float, str]]] = {}
+    sources = gallery_sources(job, sample.meta)
+    wanted: dict[str, list[tuple[str, float, str, str]]] = {}  # gallery -> (object_id, value, file, source)
     if latents and job.gallery_size:
-        for j, found in top_activating(job.input, latents, job.gallery_size, job.storage).items():
-            wanted[f"sae {j}"] = [(oid, v, path) for v, oid, path in found]
+        for source, (uri, _) in sources.items():
+            for j, found in top_activating(uri, latents, job.gallery_size, job.storage).items():
+                wanted.setdefault(f"sae {j}", []).extend((oid, v, path, source) for v, oid, path in found)
+        for name, items in wanted.items():  # each source's best, merged: strongest first, ties by id
+            wanted[name] = sorted(items, key=lambda i: (-i[1], i[3], i[0]))[: job.gallery_size]
     comps = list(range(min(job.pca_gallery, scores.shape[1])))
     for c in comps:
         low, high = extremes(scores[:, c], job.gallery_size)
-        wanted[f"pc {c} low"] = [(sample.ids[i], float(scores[i, c]), sample.files[i]) for i in low]
-        wanted[f"pc {c} high"] = [(sample.ids[i], float(scores[i, c]), sample.files[i]) for i in high]
-    pictures = _pictures(job, sample.meta, {(oid, f) for items in wanted.values() for oid, _, f in items})
+        wanted[f"pc {c} low"] = [(sample.ids[i], float(scores[i, c]), sample.files[i], "") for i in low]
+        wanted[f"pc {c} high"] = [(sample.ids[i], float(scores[i, c]), sample.files[i], "") for i in high]
+    pictures: dict[tuple[str, str], np.ndarray] = {}
+    for source, (_, cutouts) in sources.items():
+        shown = {(oid, f) for items in wanted.values() for oid, _, f, s in items if s == source}
+        pictures.update({(source, oid): pic for oid, pic in _pictures(job, cutouts, shown).items()})
     for name, items in wanted.items():
-        out.gallery_rows += gallery_rows(name, [i[0] for i in items], [i[1] for i in items], pictures, job.thumb_px)
+        out.gallery_rows += gallery_rows(name, [(i[3], i[0]) for i in items], [i[1] for i in items], pictures,
+                                         job.thumb_px)
     out.summary["pca_gallery"] = [{"component": c, "explained": explained[c]} for c in comps]
+    out.summary["gallery_sources"] = {name: uri for name, (uri, _) in sources.items()}
 
 
-def _pictures(job: AnalyzeJob, meta: dict[str, Any], objects: set[tuple[str, str]]) -> dict[str, np.ndarray]:
-    """Display pictures of ``(object_id, feature file)`` pairs, read from the cutout shards named like the files
-    (only those rows: a filter on object_id)."""
+def _pictures(job: AnalyzeJob, uri: str | None, objects: set[tuple[str, str]]) -> dict[str, np.ndarray]:
+    """Display pictures of ``(object_id, feature file)`` pairs, read from the shards of the cutout store
+    ``uri`` named like the files (only those rows: a filter on object_id)."""
     from galray.analysis.galleries import pictures_from_table
     from galray.data.preprocess import plan_for
     from galray.data.shards import images_from_table
 
-    uri = job.cutouts or meta.get("catalog")
     if not uri or not objects:
         return {}
     fs, root = arrow_filesystem(uri, job.storage)
@@ -537,8 +569,9 @@ def _write(folder: Path, out: Outputs) -> None:
         (folder / FIGURES_DIR / f"{name}.png").write_bytes(png)
     for name, frame in out.tables.items():
         frame.to_parquet(folder / f"{name}.parquet", index=False)
-    cols = ["gallery", "rank", "object_id", "value", "png"]
-    gal = pd.DataFrame(out.gallery_rows, columns=cols)
+    from galray.analysis.galleries import GALLERY_COLUMNS
+
+    gal = pd.DataFrame(out.gallery_rows, columns=list(GALLERY_COLUMNS))
     pq.write_table(pa.Table.from_pandas(gal, preserve_index=False), folder / GALLERIES_NAME)
     (folder / SUMMARY_NAME).write_text(json.dumps(out.summary, indent=2, default=str) + "\n")
 

@@ -3,11 +3,13 @@
 Each stage is a library call that the matching command also makes; the demo chains them:
 
 - ``simulate``: a GalSim survey with ground truth (+ a montage with one row per class);
-- ``xdf``: real galaxies cut from the Hubble XDF (`galray sample xdf`);
+- ``xdf``: real galaxies cut from the Hubble XDF (`galray sample xdf`): no ground truth, but
+  training data for the self-supervised encoder, and embedded and featurised beside the simulated
+  ones so that the report's galleries show which real galaxies each SAE feature picks;
 - ``vqvae``: a VQ-VAE on the simulated cutouts with Ray Train (2 workers);
 - ``codes``: every cutout encoded to a code grid (`galray encode`);
 - ``prior``: the class-conditional transformer prior on the code grids;
-- ``embed``: every cutout embedded with the VQ-VAE encoder through the Ray Data actor pool;
+- ``embed``: every cutout, simulated and XDF, embedded with the VQ-VAE encoder through the Ray Data actor pool;
 - ``sae``: a Matryoshka BatchTopK sparse autoencoder on the embeddings;
 - ``generate``: new galaxies sampled from the prior with classifier-free guidance.
 
@@ -162,17 +164,20 @@ def _vqvae(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
 def _encoder(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
     enc = _train("encoder", paths["store"], "encoder-demo", cfg, {
         # the pico ConvNeXt (1.4 M parameters) at 32 px: galray's encoder sized for a CPU
-        "preset": "pico", "train": {"lr": 2e-3, "warmup_steps": 5}})
+        "preset": "pico", "train": {"lr": 2e-3, "warmup_steps": 5}},
+        # self-supervised needs no labels: the real XDF galaxies train it beside the simulated ones
+        extra_inputs=[paths["xdf"]])
     return {"encoder": str(enc.checkpoint)}, {k: v for k, v in enc.eval.items() if k.startswith("val_")}
 
 
-def _embed_with(cfg: DemoJob, paths: Paths, backbone: str, out_key: str) -> tuple[Paths, Figures]:
-    """Embed every simulated cutout with ``backbone`` (a `galray embed --model` name) into OUT/<out_key>."""
+def _embed_with(cfg: DemoJob, paths: Paths, backbone: str, out_key: str, in_key: str = "store"
+                ) -> tuple[Paths, Figures]:
+    """Embed every cutout of ``paths[in_key]`` with ``backbone`` (a `galray embed --model` name) into OUT/<out_key>."""
     from galray.models.backbone_config import BackboneConfig
     from galray.stages.embed import EmbedJob, embed_store
 
     out = {out_key: str(cfg.root / out_key)}
-    summary = embed_store(EmbedJob(input=paths["store"], output=out[out_key], backbone=BackboneConfig(name=backbone),
+    summary = embed_store(EmbedJob(input=paths[in_key], output=out[out_key], backbone=BackboneConfig(name=backbone),
                                    batch_size=64, tracking=cfg.tracking()))
     print(summary.format())
     return out, {"embedded_rows": float(summary.rows_out)}
@@ -201,7 +206,10 @@ def _prior(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
 
 
 def _embed(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
-    return _embed_with(cfg, paths, f"vqvae:{paths['vqvae']}", "embeddings")
+    made, figures = _embed_with(cfg, paths, f"vqvae:{paths['vqvae']}", "embeddings")
+    # the real XDF galaxies too: the SAE's features of them join the galleries (they have no ground truth)
+    more, more_figures = _embed_with(cfg, paths, f"vqvae:{paths['vqvae']}", "xdf_embeddings", "xdf")
+    return {**made, **more}, {**figures, "xdf_embedded_rows": more_figures["embedded_rows"]}
 
 
 def _sae(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
@@ -238,11 +246,15 @@ def _generate(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
 def _features(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
     from galray.stages.features import FeaturesJob, apply_sae
 
-    out = {"features": str(cfg.root / "features")}
+    out = {"features": str(cfg.root / "features"), "xdf_features": str(cfg.root / "xdf_features")}
     summary = apply_sae(FeaturesJob(input=paths["embeddings"], sae=paths["sae"], output=out["features"],
                                     tracking=cfg.tracking()))
     print(summary.format())
-    return out, {"l0_mean": summary.l0_mean, "k": float(summary.k), "latents": float(summary.n_latents)}
+    xdf = apply_sae(FeaturesJob(input=paths["xdf_embeddings"], sae=paths["sae"], output=out["xdf_features"],
+                                tracking=cfg.tracking()))
+    print(xdf.format())
+    return out, {"l0_mean": summary.l0_mean, "k": float(summary.k), "latents": float(summary.n_latents),
+                 "xdf_l0_mean": xdf.l0_mean}
 
 
 def _analyze(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
@@ -251,7 +263,7 @@ def _analyze(cfg: DemoJob, paths: Paths) -> tuple[Paths, Figures]:
     out = {"analysis": str(cfg.root / "analysis")}
     summary = analyze(AnalyzeJob(input=paths["features"], output=out["analysis"], vqvae=paths["vqvae"],
                                  codes=paths["codes"], prior=paths["prior"], val_fraction=0.2, seed=cfg.seed,
-                                 tracking=cfg.tracking()))
+                                 gallery_inputs={"XDF": paths["xdf_features"]}, tracking=cfg.tracking()))
     print(summary.format())
     figures: Figures = {}
     for label, row in summary.recovery.items():
@@ -273,23 +285,23 @@ STAGES: tuple[Stage, ...] = (
     Stage("simulate", "simulating a survey with GalSim", (), ("store", "preview"), _simulate),
     Stage("xdf", "cutting real galaxies from the Hubble XDF", (), ("xdf",), _xdf),
     Stage("vqvae", "training a VQ-VAE on the cutouts (Ray Train)", ("store",), ("vqvae",), _vqvae),
-    Stage("encoder", "training galray's own encoder self-supervised (SimCLR, Ray Train)", ("store",), ("encoder",),
-          _encoder),
+    Stage("encoder", "training galray's own encoder self-supervised (SimCLR, Ray Train) on the simulated and the "
+                     "XDF cutouts", ("store", "xdf"), ("encoder",), _encoder),
     Stage("embed_encoder", "embedding every cutout with that encoder (Ray Data actor pool)", ("store", "encoder"),
           ("encoder_embeddings",), _embed_encoder),
     Stage("codes", "encoding every cutout to a code grid (Ray actor pool)", ("store", "vqvae"), ("codes",), _codes),
     Stage("prior", "training the class-conditional prior on the code grids", ("codes",), ("prior",), _prior),
-    Stage("embed", "embedding every cutout with the VQ-VAE encoder (Ray Data actor pool)", ("store", "vqvae"),
-          ("embeddings",), _embed),
+    Stage("embed", "embedding every simulated and XDF cutout with the VQ-VAE encoder (Ray Data actor pool)",
+          ("store", "xdf", "vqvae"), ("embeddings", "xdf_embeddings"), _embed),
     Stage("sae", "a Ray Tune campaign (4 trials, ASHA) over a Matryoshka BatchTopK sparse autoencoder's k and "
                  "width on the embeddings, then the SAE at the best setting", ("embeddings",), ("sae", "campaign"), _sae),
     Stage("generate", "sampling new galaxies from the prior (classifier-free guidance 2)", ("prior", "vqvae"),
           ("generated",), _generate),
-    Stage("features", "sparse features of every embedding (the SAE's threshold inference)", ("embeddings", "sae"),
-          ("features",), _features),
+    Stage("features", "sparse features of every embedding, simulated and XDF (the SAE's threshold inference)",
+          ("embeddings", "xdf_embeddings", "sae"), ("features", "xdf_features"), _features),
     Stage("analyze", "SAE features and PCA against the simulator's ground truth (with a shuffle null), "
-                     "galleries, feature families, the codebook and generations", ("features", "vqvae", "codes", "prior"),
-          ("analysis",), _analyze),
+                     "galleries over the simulated and XDF galaxies, feature families, the codebook and generations",
+          ("features", "xdf_features", "vqvae", "codes", "prior"), ("analysis",), _analyze),
     Stage("report", "the HTML report", ("analysis",), ("report",), _report),
 )
 

@@ -331,7 +331,8 @@ def plan(job: TuneJob) -> CampaignPlan:
         diff = _first_difference(saved, given)
         check(diff is None, diff or "", f"differs from the campaign being resumed ({campaign}/{CAMPAIGN_FILE}): "
                                         "run the command the campaign started with, plus --resume")
-    base = dataclasses.replace(base, input=_absolute(base.input), storage_path=_absolute(base.storage_path),
+    base = dataclasses.replace(base, input=_absolute(base.input),
+                               extra_inputs=tuple(_absolute(u) for u in base.extra_inputs), storage_path=_absolute(base.storage_path),
                                storage=_without_credentials(base.storage), tracking=tracking)
     return CampaignPlan(job, base, space, trials, metric, mode, report_every, max_steps, campaign, job.tune.resume is not None,
                 storage, tracking)

@@ -31,7 +31,7 @@ from galray.models.prior import PriorConfig
 from galray.models.sae import PRESETS as SAE_PRESETS
 from galray.models.sae import SAEConfig, sae_preset
 from galray.models.vqvae import VQVAEConfig
-from galray.storage import StorageConfig
+from galray.storage import StorageConfig, is_s3
 from galray.tracking import TrackingConfig
 from galray.train import encoder_loop, prior_loop, sae_loop, vqvae_loop
 from galray.train.encoder_loop import EncoderTrainConfig
@@ -201,6 +201,10 @@ class TrainJob:
     """Input store URI: local folder, file:// or s3://bucket/prefix."""
     name: str
     """Run name. The same name and storage_path resume the run from its latest checkpoint."""
+    extra_inputs: tuple[str, ...] = ()
+    """More stores read with ``input`` as one training set (e.g. real cutouts beside simulated ones, for a
+    self-supervised encoder), on the same filesystem: the columns the kind reads must have the same types
+    (and images the same layout) as in ``input``; other columns are ignored."""
     storage_path: str = "galray-runs"
     """Where checkpoints go (local folder or s3://bucket/prefix); the run lives in <storage_path>/<name>."""
     steps: int = 1000
@@ -247,6 +251,8 @@ class TrainJob:
 
     def __post_init__(self) -> None:
         check(bool(self.input), "input", "an input store URI is required")
+        check(all(bool(u) and is_s3(u) == is_s3(self.input) for u in self.extra_inputs), "extra_inputs",
+              "each must be a store URI on the same filesystem as input (all local, or all s3://)")
         check(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
         check(bool(self.storage_path), "storage_path", "must not be empty")
         check(self.steps >= 1, "steps", "must be at least 1")

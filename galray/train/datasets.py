@@ -130,6 +130,25 @@ def _shards(job: TrainJob, storage: StorageConfig) -> tuple[pafs.FileSystem, lis
     return shard_paths(job.input, storage)
 
 
+def _read(job: TrainJob, storage: StorageConfig, columns: list[str]) -> "ray.data.Dataset":
+    """``columns`` of ``job.input`` and every ``job.extra_inputs`` store, read as one Ray Dataset; a store
+    whose column is missing or of another type than in ``input`` fails naming ``extra_inputs``."""
+    from galray.data.store import read_store, shard_paths
+
+    if job.extra_inputs:
+        fs, paths = _shards(job, storage)
+        want = read_schema(fs, paths[0])
+        for uri in job.extra_inputs:
+            fs_x, paths_x = shard_paths(uri, storage)
+            have = read_schema(fs_x, paths_x[0])
+            for c in columns:
+                if c not in have.names or have.field(c).type != want.field(c).type:
+                    found = have.field(c).type if c in have.names else "no such column"
+                    raise ConfigError("extra_inputs", f"{uri}: column {c!r} is {found}, but {want.field(c).type} "
+                                                      f"in {job.input}: the stores cannot be read as one")
+    return read_store([job.input, *job.extra_inputs], storage, columns=columns)
+
+
 def _sae_init(job: TrainJob, storage: StorageConfig) -> tuple[SAEConfig, dict[str, np.ndarray]]:
     """The SAE config (d_in from the store) and the normalisation + b_pre fitted on the first
     ``sae.norm_samples`` training rows."""
@@ -164,8 +183,19 @@ def _sae_init(job: TrainJob, storage: StorageConfig) -> tuple[SAEConfig, dict[st
 
 
 def _image_plan(job: TrainJob, storage: StorageConfig, image_size: int, in_channels: int) -> ImagePlan:
+    """The image plan of ``input``; every ``extra_inputs`` store must store its images the same way (the
+    batch function applies one plan to all rows)."""
+    from galray.data.store import shard_paths
+
     fs, paths = _shards(job, storage)
-    return plan_for(read_schema(fs, paths[0]), image_size, in_channels)
+    plan = plan_for(read_schema(fs, paths[0]), image_size, in_channels)
+    for uri in job.extra_inputs:
+        fs_x, paths_x = shard_paths(uri, storage)
+        other = plan_for(read_schema(fs_x, paths_x[0]), image_size, in_channels)
+        if other != plan:
+            raise ConfigError("extra_inputs", f"{uri} stores its images otherwise ({other}) than {job.input} "
+                                              f"({plan}): the stores cannot be read as one")
+    return plan
 
 
 def _check_codes(job: TrainJob, storage: StorageConfig) -> None:
@@ -185,6 +215,10 @@ def _check_codes(job: TrainJob, storage: StorageConfig) -> None:
         raise ConfigError("prior.model.vocab_size", f"is {m.vocab_size} but the codes come from a codebook of "
                                                     f"{meta['codebook_size']}")
     if LABEL_COLUMN in schema.names:
+        from galray.data.store import shard_paths
+
+        for uri in job.extra_inputs:  # their labels must fit the prior too
+            paths = paths + shard_paths(uri, storage)[1]
         top = max((read_table(fs, p, columns=[LABEL_COLUMN]).column(LABEL_COLUMN).to_numpy().max(
             initial=-1) for p in paths), default=-1)
         if top >= m.num_classes:
@@ -211,34 +245,28 @@ def _quiet_data() -> Iterator[None]:
 
 
 def _sae_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelConfig, dict[str, np.ndarray]]:
-    from galray.data.store import read_store
-
     cfg, init_state = _sae_init(job, storage)
-    ds = read_store(job.input, storage, columns=[ID_COLUMN, EMBEDDING_COLUMN])
+    ds = _read(job, storage, [ID_COLUMN, EMBEDDING_COLUMN])
     return ({split: ds.map_batches(sae_batch, fn_kwargs={"split": split, "val_fraction": job.val_fraction},
                                    batch_format="pyarrow", zero_copy_batch=True) for split in ("train", "val")},
             cfg, init_state)
 
 
 def _prior_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelConfig, dict[str, np.ndarray]]:
-    from galray.data.store import read_store
-
     _check_codes(job, storage)
     fs, paths = _shards(job, storage)
     cols = [ID_COLUMN, CODES_COLUMN] + ([LABEL_COLUMN] if LABEL_COLUMN in read_schema(
         fs, paths[0]).names else [])
-    ds = read_store(job.input, storage, columns=cols)
+    ds = _read(job, storage, cols)
     return ({split: ds.map_batches(prior_batch, fn_kwargs={
         "split": split, "val_fraction": job.val_fraction, "num_classes": job.prior.model.num_classes},
         batch_format="pyarrow", zero_copy_batch=True) for split in ("train", "val")}, job.prior.model, {})
 
 
 def _vqvae_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelConfig, dict[str, np.ndarray]]:
-    from galray.data.store import read_store
-
     m = job.vqvae.model
     plan = _image_plan(job, storage, m.image_size, m.in_channels)
-    ds = read_store(job.input, storage, columns=[ID_COLUMN, plan.column])
+    ds = _read(job, storage, [ID_COLUMN, plan.column])
     return ({split: ds.map_batches(vqvae_batch, fn_kwargs={
         "split": split, "val_fraction": job.val_fraction, "plan": plan}, batch_format="numpy")
         for split in ("train", "val")}, job.vqvae.model, {})
@@ -266,8 +294,6 @@ def _encoder_init(job: TrainJob, cfg: EncoderConfig, storage: StorageConfig) -> 
 
 
 def _encoder_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelConfig, dict[str, np.ndarray]]:
-    from galray.data.store import read_store
-
     cfg, section = job.encoder.model_config(), job.encoder
     plan = _image_plan(job, storage, cfg.image_size, cfg.in_channels)
     label_column = section.label_column if section.train.mode == "finetune" and cfg.num_classes else None
@@ -277,7 +303,7 @@ def _encoder_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelC
     for name, column in [("label_column", label_column)] + [("vote_columns", c) for c in vote_columns]:
         if column and column not in names:
             raise ConfigError(f"encoder.{name}", f"{job.input} has no column {column!r} (columns: {', '.join(names)})")
-    ds = read_store(job.input, storage, columns=[ID_COLUMN, plan.column, *([label_column] if label_column else []),
+    ds = _read(job, storage, [ID_COLUMN, plan.column, *([label_column] if label_column else []),
                                                  *vote_columns])
     return ({split: ds.map_batches(encoder_batch, fn_kwargs={
         "split": split, "val_fraction": job.val_fraction, "plan": plan, "label_column": label_column,
@@ -291,7 +317,7 @@ BUILDERS: dict[str, Callable[[TrainJob, StorageConfig], tuple[Splits, ModelConfi
 # The job keys each kind's builder reads ("*": every kind): a hyperparameter campaign reads its data
 # once for all trials, so these cannot be searched (galray.train.tune_space).
 DATA_KEYS: dict[str, tuple[str, ...]] = {
-    "*": ("input", "val_fraction", "materialize"),
+    "*": ("input", "extra_inputs", "val_fraction", "materialize"),
     "sae": ("sae.norm_samples", "sae.model.d_in"),
     "vqvae": ("vqvae.model.image_size", "vqvae.model.in_channels"),
     "prior": ("prior.model.num_classes", "prior.model.seq_len", "prior.model.vocab_size"),

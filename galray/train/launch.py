@@ -161,8 +161,9 @@ def fit(job: TrainJob) -> TrainSummary:
     tracker = open_run(tracking, job.run_key, job.name, {"galray.kind": job.kind},
                        {**flatten(job), **_resolved_params(job, data)})
     if tracker.active:
-        fs, paths = shard_paths(job.input, storage)
-        tracker.log_input(job.input, sum(footer_rows(fs, paths)), store_name(job.input))
+        for uri in (job.input, *job.extra_inputs):
+            fs, paths = shard_paths(uri, storage)
+            tracker.log_input(uri, sum(footer_rows(fs, paths)), store_name(uri))
     worker_job = dataclasses.replace(job, storage=storage, tracking=tracking)
     trainer = TorchTrainer(
         train_loop_per_worker,
