@@ -130,17 +130,23 @@ def _shards(job: TrainJob, storage: StorageConfig) -> tuple[pafs.FileSystem, lis
     return shard_paths(job.input, storage)
 
 
+def _schema(uri: str, storage: StorageConfig) -> pa.Schema:
+    """The schema of a store's first shard."""
+    from galray.data.store import shard_paths
+
+    fs, paths = shard_paths(uri, storage)
+    return read_schema(fs, paths[0])
+
+
 def _read(job: TrainJob, storage: StorageConfig, columns: list[str]) -> "ray.data.Dataset":
     """``columns`` of ``job.input`` and every ``job.extra_inputs`` store, read as one Ray Dataset; a store
     whose column is missing or of another type than in ``input`` fails naming ``extra_inputs``."""
-    from galray.data.store import read_store, shard_paths
+    from galray.data.store import read_store
 
     if job.extra_inputs:
-        fs, paths = _shards(job, storage)
-        want = read_schema(fs, paths[0])
+        want = _schema(job.input, storage)
         for uri in job.extra_inputs:
-            fs_x, paths_x = shard_paths(uri, storage)
-            have = read_schema(fs_x, paths_x[0])
+            have = _schema(uri, storage)
             for c in columns:
                 if c not in have.names or have.field(c).type != want.field(c).type:
                     found = have.field(c).type if c in have.names else "no such column"
@@ -185,13 +191,9 @@ def _sae_init(job: TrainJob, storage: StorageConfig) -> tuple[SAEConfig, dict[st
 def _image_plan(job: TrainJob, storage: StorageConfig, image_size: int, in_channels: int) -> ImagePlan:
     """The image plan of ``input``; every ``extra_inputs`` store must store its images the same way (the
     batch function applies one plan to all rows)."""
-    from galray.data.store import shard_paths
-
-    fs, paths = _shards(job, storage)
-    plan = plan_for(read_schema(fs, paths[0]), image_size, in_channels)
+    plan = plan_for(_schema(job.input, storage), image_size, in_channels)
     for uri in job.extra_inputs:
-        fs_x, paths_x = shard_paths(uri, storage)
-        other = plan_for(read_schema(fs_x, paths_x[0]), image_size, in_channels)
+        other = plan_for(_schema(uri, storage), image_size, in_channels)
         if other != plan:
             raise ConfigError("extra_inputs", f"{uri} stores its images otherwise ({other}) than {job.input} "
                                               f"({plan}): the stores cannot be read as one")
@@ -303,8 +305,7 @@ def _encoder_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelC
     for name, column in [("label_column", label_column)] + [("vote_columns", c) for c in vote_columns]:
         if column and column not in names:
             raise ConfigError(f"encoder.{name}", f"{job.input} has no column {column!r} (columns: {', '.join(names)})")
-    ds = _read(job, storage, [ID_COLUMN, plan.column, *([label_column] if label_column else []),
-                                                 *vote_columns])
+    ds = _read(job, storage, [ID_COLUMN, plan.column, *([label_column] if label_column else []), *vote_columns])
     return ({split: ds.map_batches(encoder_batch, fn_kwargs={
         "split": split, "val_fraction": job.val_fraction, "plan": plan, "label_column": label_column,
         "vote_columns": vote_columns}, batch_format="numpy") for split in ("train", "val")},
