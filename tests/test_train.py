@@ -134,28 +134,28 @@ def test_job_config_validation():
 
 def test_extra_inputs_read_as_one_training_set(ray_session, tmp_path):
     """A self-supervised encoder's data from two cutout stores whose image columns agree (the second has
-    other catalog columns and no label, like `galray sample xdf`'s): every usable row of both, split by
-    object_id; a store with images of another size, or on another filesystem, fails naming extra_inputs."""
+    other catalog columns and no label, like `galray sample xdf`'s): every usable training row of both (split
+    by object_id); a store with images of another size, or on another filesystem, fails naming extra_inputs."""
     from galray.train.datasets import build_datasets
 
-    _cutout_store(str(tmp_path / "sim"), 1, ROWS)
-    fs, root = arrow_filesystem(str(tmp_path / "real"))
-    b = render_batch(range(1000, 1000 + 50), SimConfig(size=32))
-    write_table(make_table({"object_id": np.array([f"xdf-{i:04d}" for i in range(50)], dtype=object),
-                            "image": b["image"], "flux_auto": np.arange(50.0)}, ImageSpec(shape=(32, 32, 3))),
-                fs, f"{root}/{shard_name(0)}")
-    spec = {"kind": "encoder", "input": str(tmp_path / "sim"), "extra_inputs": [str(tmp_path / "real")],
+    def real_store(name: str, n: int, size: int) -> str:
+        fs, root = arrow_filesystem(str(tmp_path / name))
+        pixels = np.random.default_rng(0).integers(0, 255, (n, size, size, 3), dtype=np.uint8)
+        write_table(make_table({"object_id": np.array([f"xdf-{i:04d}" for i in range(n)], dtype=object),
+                                "image": pixels, "flux_auto": np.arange(float(n))}, ImageSpec(shape=(size, size, 3))),
+                    fs, f"{root}/{shard_name(0)}")
+        return str(tmp_path / name)
+
+    _cutout_store(str(tmp_path / "sim"), 1, 40)
+    spec = {"kind": "encoder", "input": str(tmp_path / "sim"), "extra_inputs": [real_store("real", 30, 32)],
             "name": "enc", "val_fraction": 0.2, "encoder": {"preset": "pico"}}
     job = from_dict(TrainJob, spec)
-    data = build_datasets(job, job.storage)
-    ids = [f"sim-0-{i:09d}" for i in range(ROWS)] + [f"xdf-{i:04d}" for i in range(50)]
-    for split, n in (("train", int((~is_val(ids, 0.2)).sum())), ("val", int(is_val(ids, 0.2).sum()))):
-        rows = sum(len(b["pixels"]) for b in data.datasets[split].iter_batches(batch_size=None))
-        assert rows == n, split
+    train = build_datasets(job, job.storage).datasets["train"]
+    ids = [f"sim-0-{i:09d}" for i in range(40)] + [f"xdf-{i:04d}" for i in range(30)]
+    assert sum(len(b["pixels"]) for b in train.iter_batches(batch_size=None)) == int((~is_val(ids, 0.2)).sum())
 
-    _cutout_store(str(tmp_path / "big"), 1, 20, size=48)
     with pytest.raises(ConfigError, match="extra_inputs"):
-        build_datasets(from_dict(TrainJob, {**spec, "extra_inputs": [str(tmp_path / "big")]}), job.storage)
+        build_datasets(from_dict(TrainJob, {**spec, "extra_inputs": [real_store("big", 5, 48)]}), job.storage)
     with pytest.raises(ConfigError, match="extra_inputs"):
         from_dict(TrainJob, {**spec, "extra_inputs": ["s3://bucket/real"]})
 
