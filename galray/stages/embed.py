@@ -374,6 +374,10 @@ def _pipeline(job: EmbedJob, paths: list[str], plan: ImagePlan, dim: int, meta: 
     # (a re-run call rewrites its shard's file whole), MAX_RETRIES times, not Ray Data's default of
     # without end; a call still failing then is skipped, not fatal: the driver gives its shard up.
     ds.context.max_errored_blocks = -1
+    # Hand out the first shard only once every replica is up (Ray Data's default starts with the first
+    # ready one): otherwise the replicas that load first take all of a small store, and on a cluster the
+    # nodes whose replicas start slower get none. pool_size checked the cluster can hold them all.
+    ds.context.wait_for_min_actors_s = max(int(job.pool.wait_s), 1)
     with warnings.catch_warnings():  # Ray 2.60 names no parameter for these; ray_remote_args is the way
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
         return ds.map_batches(
