@@ -18,6 +18,8 @@ Feature sets, each embedded from the same pixels (``size`` px):
   ``SurveyEncoder.embed`` (what `galray embed --model encoder:CKPT` runs: D4-averaged backbone features);
 - ``encoder_realonly``: the same, trained on the real XDF training half only (the sim-to-real check);
 - ``random``: the same encoder untrained (random init, same embedding path);
+- ``random_peak``: the same, with the first release's input scaling (``normalization: peak``),
+  so that changing the encoder's defaults can never weaken the random baseline unseen;
 - ``pixels_pca``: PCA of the raw pixels, fitted on the same unlabelled training cutouts;
 - ``vqvae``: galray's VQ-VAE (galray.train.vqvae_loop) trained on the same unlabelled cutouts,
   embedded by ``VQVAE.embed`` (what `galray embed --model vqvae:CKPT` runs).
@@ -40,7 +42,7 @@ import resource
 import sys
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -264,6 +266,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.manual_seed(args.seed)
         rand = SurveyEncoder(encoder_preset("pico")).eval()
         features["random"] = {k: embed_all(rand.embed, x[k]) for k in probe_sets}
+        torch.manual_seed(args.seed)
+        rand_peak = SurveyEncoder(replace(encoder_preset("pico"), normalization="peak")).eval()
+        features["random_peak"] = {k: embed_all(rand_peak.embed, x[k]) for k in probe_sets}
     out["cpu_s_random"] = round(c.cpu, 1)
     with Clock() as c:
         features["pixels_pca"] = pixel_pca(torch.cat([x["sim_train"], x["xdf_train"]]),
@@ -278,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with Clock() as c:
         out.update(run_probes(features, data))
     out["cpu_s_probes"] = round(c.cpu, 1)
-    baselines = ("pixels_pca", "random", "vqvae")
+    baselines = ("pixels_pca", "random", "random_peak", "vqvae")
     beats = []
     for key in sorted({k.rsplit("_encoder", 1)[0] for k in out if k.endswith("_encoder")}):
         best = max(out[f"{key}_{b}"] for b in baselines)

@@ -12,7 +12,8 @@ import torch
 from galray.config import ConfigError, from_dict
 from galray.models.augment import AugmentConfig, gaussian_blur, random_view
 from galray.models.checkpoint import load_model, save_model
-from galray.models.encoder import BACKBONE_WEIGHTS_NAME, EncoderConfig, SurveyEncoder, d4_views, save_backbone_weights
+from galray.models.encoder import (BACKBONE_WEIGHTS_NAME, EncoderConfig, SurveyEncoder, d4_views, normalize_images,
+                                   save_backbone_weights)
 from galray.models.encoder_losses import dirichlet_multinomial_nll, nt_xent
 from galray.train import encoder_loop
 from galray.train.config import TrainJob
@@ -56,6 +57,37 @@ def test_blur_keeps_flux_and_zero_sigma_is_identity():
     assert out[1].sum().item() == pytest.approx(1.0, abs=1e-4) and out[1].max() < 0.1
 
 
+def test_relative_noise_follows_each_image_own_sky():
+    g = torch.Generator().manual_seed(0)
+    sky = torch.tensor([0.01, 0.05])[:, None, None, None]
+    x = 0.3 + sky * torch.randn(2, 1, 64, 64, generator=g)
+    only_noise = AugmentConfig(rotate=False, flip=False, zoom=(1.0, 1.0), shift=0.0, blur_max=0.0, gamma=(1.0, 1.0),
+                               tau=0.0, brightness=0.0, noise_max=0.0, noise_rel=1.0)
+    added = random_view(x, only_noise, torch.Generator().manual_seed(1)) - (x - x.flatten(2).median(2).values[..., None, None])
+    ratio = added.flatten(1).std(1) / sky.flatten()
+    assert torch.allclose(ratio[0], ratio[1], rtol=0.15) and 0 < ratio[0] < 1.1, ratio  # U(0, 1) sky sigmas each
+    flat = torch.full((2, 1, 16, 16), 0.3)  # no sky noise: no noise added
+    torch.testing.assert_close(random_view(flat, only_noise, g), torch.zeros_like(flat))
+
+
+def test_asinh_input_scale_reads_signal_to_noise_and_drops_gain_and_offset():
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    blob = torch.exp(-((yy - 15.5) ** 2 + (xx - 15.5) ** 2) / 8.0)
+    noise = 0.01 * torch.randn(1, 3, 32, 32, generator=g)
+    faint, bright = 0.1 + 0.05 * blob + noise, 0.1 + 0.5 * blob + noise
+    for mode in ("asinh", "peak"):  # a survey's gain and sky level drop out either way
+        torch.testing.assert_close(normalize_images(0.5 * faint + 0.2, mode), normalize_images(faint, mode),
+                                   atol=1e-4, rtol=1e-4)
+    # Known answer: the centre pixel, in units of ASINH_SOFTENING x the frame's noise, asinh-stretched.
+    y = bright - bright.flatten(2).median(2).values[..., None, None]
+    from galray.models.augment import sky_sigma
+    expect = torch.asinh(y[0, :, 16, 16] / (2.0 * sky_sigma(y).mean()))
+    torch.testing.assert_close(normalize_images(bright)[0, :, 16, 16], expect)
+    # The same galaxy at 10x the signal-to-noise is read brighter (peak scaling would give both the same peak).
+    assert normalize_images(bright)[0, :, 16, 16].mean() > normalize_images(faint)[0, :, 16, 16].mean() + 1.5
+
+
 def test_nt_xent_known_answers():
     z = torch.eye(8)  # 8 orthogonal directions: each view's twin is identical, the rest orthogonal
     assert nt_xent(z, z, temperature=0.05).item() < 1e-6
@@ -79,9 +111,11 @@ def test_dirichlet_multinomial_matches_scipy():
 
 # --- the model -------------------------------------------------------------------------------------
 
-def test_embedding_is_exactly_rotation_and_flip_invariant():
+@pytest.mark.parametrize("pool", ["last", "stages"])
+def test_embedding_is_exactly_rotation_and_flip_invariant(pool):
     x = torch.rand(3, 3, 32, 32)
-    enc = _encoder().eval()
+    enc = _encoder(pool=pool).eval()
+    assert enc.embed(x[:1]).shape[1] == (256 if pool == "last" else 32 + 64 + 128 + 256 + 256)
     with torch.no_grad():
         ref = enc.embed(x)
         for view in d4_views(x)[1:]:

@@ -14,7 +14,9 @@ One call draws an independent view of every image of a batch, in this order:
 5. **extinction-like colour jitter** per-channel gains ``exp(-tau * k_c)`` with k rising from the
    reddest to the bluest channel (galray's stores are (R, G, B) = (z, r, g)), so tau > 0 reddens,
    times a brightness gain (Hayat et al.'s "reddening");
-6. **noise** Gaussian of sigma ~ U(0, noise_max) of the [0, 1] image scale (Hayat et al.; Stein et al.).
+6. **noise** Gaussian of sigma ~ U(0, noise_max) of the [0, 1] image scale plus U(0, noise_rel) times
+   the image's own sky noise (Hayat et al.; Stein et al.): a new noise realisation at about the
+   image's own depth, which leaves its signal-to-noise, and so what the encoder reads of it, nearly as it was.
 
 The output is not normalised: :meth:`galray.models.encoder.SurveyEncoder.normalize` does that, the same
 way at training and at inference. Randomness comes only from ``generator`` (reproducible steps).
@@ -58,11 +60,13 @@ class AugmentConfig:
     """Share of images given colour and brightness jitter."""
     noise_max: float = 0.04
     """Largest added noise sigma, on the [0, 1] image scale."""
+    noise_rel: float = 0.0
+    """Largest added noise sigma, in units of the image's own sky noise (MAD of its outer frame)."""
 
     def __post_init__(self) -> None:
         check(0 < self.zoom[0] <= self.zoom[1], "zoom", "must be (low, high) with 0 < low <= high")
         check(0 < self.gamma[0] <= self.gamma[1], "gamma", "must be (low, high) with 0 < low <= high")
-        for name in ("shift", "blur_max", "tau", "brightness", "noise_max"):
+        for name in ("shift", "blur_max", "tau", "brightness", "noise_max", "noise_rel"):
             check(getattr(self, name) >= 0, name, "must be non-negative")
         for name in ("p_blur", "p_colour"):
             check(0 <= getattr(self, name) <= 1, name, "must be in [0, 1]")
@@ -134,6 +138,8 @@ def random_view(x_BCHW: Tensor, cfg: AugmentConfig, generator: torch.Generator |
         k_C = torch.linspace(0.5, 1.0, c, device=dev, dtype=dt) if c > 1 else torch.ones(1, device=dev, dtype=dt)
         gain = torch.exp(-tau[:, None] * k_C[None]) * torch.exp((u(b) * 2 - 1) * cfg.brightness * on)[:, None]
         x = x * gain[:, :, None, None]
-    if cfg.noise_max > 0:
-        x = x + normal(x.shape) * (u(b) * cfg.noise_max)[:, None, None, None]
+        sky = sky * gain[:, :, None, None]
+    if cfg.noise_max > 0 or cfg.noise_rel > 0:
+        sigma = (u(b) * cfg.noise_max)[:, None, None, None] + u(b)[:, None, None, None] * cfg.noise_rel * sky
+        x = x + normal(x.shape) * sigma
     return x

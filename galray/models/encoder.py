@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import timm
 import torch
@@ -45,6 +45,7 @@ from timm.models import group_parameters
 from torch import Tensor, nn
 
 from galray.config import ConfigError, check
+from galray.models.augment import sky_sigma
 from galray.models.backbones import PICO_ARCH  # registers galray's own timm architectures
 
 BACKBONE_WEIGHTS_NAME = "backbone.safetensors"
@@ -78,6 +79,15 @@ class EncoderConfig:
     timm's coarse parameter groups (Zoobot's n_blocks)."""
     invariant: bool = True
     """Embeddings averaged over the 8 rotations/flips of the square (exactly rotation-invariant; 8x the compute)."""
+    normalization: Literal["asinh", "peak"] = "asinh"
+    """How :meth:`SurveyEncoder.normalize` scales each image: ``asinh``, in units of its own sky noise
+    and asinh-stretched (keeps signal-to-noise, faint isophotes and brightness); ``peak``, divided by
+    its robust peak (galray's first encoder)."""
+    pool: Literal["last", "stages"] = "last"
+    """What :meth:`SurveyEncoder.embed` returns: ``last``, the backbone's pooled output (what the
+    projector and head read); ``stages``, that concatenated with the spatial mean of every stage's
+    output (timm's ``forward_intermediates``): the early stages keep size and shape detail at a
+    resolution that the last stage (1x1 for the pico at 32 px) has pooled away."""
 
     def __post_init__(self) -> None:
         check(bool(self.backbone), "backbone", "a timm model name is required, e.g. convnext_nano")
@@ -90,6 +100,8 @@ class EncoderConfig:
         check(not (self.num_classes and self.vote_groups), "vote_groups",
               "a head for classes or for votes, not both (set num_classes to 0)")
         check(self.finetune_blocks >= -1, "finetune_blocks", "must be -1 (all), 0 (frozen) or a block count")
+        check(self.normalization in ("asinh", "peak"), "normalization", "must be asinh or peak")
+        check(self.pool in ("last", "stages"), "pool", "must be last or stages")
 
     @property
     def head_outputs(self) -> int:
@@ -127,6 +139,36 @@ class EncoderOutput(NamedTuple):
 def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
     """SimCLR's projector g: Linear-BN-ReLU-Linear (Chen et al. 2020)."""
     return nn.Sequential(nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, d_out))
+
+
+ASINH_SOFTENING = 2.0
+"""The asinh stretch is linear up to this many sky sigmas and logarithmic beyond (Lupton et al. 1999's softening)."""
+SKY_FLOOR = 1.0 / 255
+"""Smallest sky noise used (one 8-bit step): flat or compressed skies (JPEG) measure a MAD near 0."""
+
+
+def normalize_images(x_BCHW: Tensor, mode: str = "asinh") -> Tensor:
+    """(B, C, H, W) images on the [0, 1] scale -> the backbone's input, per image, minus each channel's
+    median (the sky), then
+
+    - ``asinh``: divided by ASINH_SOFTENING times the image's sky noise (1.4826 MAD of its outer
+      frame, one value for all channels so colours keep their ratios) and asinh-stretched, as
+      Lupton et al. 1999 (AJ 118 1406) and Lupton et al. 2004 (PASP 116 133) render survey images.
+      Pixels are read in units of the image's own noise, so a survey's depth and gain drop out while
+      a galaxy's signal-to-noise, faint outskirts (where shapes and sizes are measured) and
+      brightness stay; the stretch keeps bright cores from swamping them.
+    - ``peak``: divided by the image's 99.5th percentile over all channels (its robust peak),
+      clipped to [-1, 3], times 2: every galaxy is scaled to the same peak, so its brightness and
+      signal-to-noise are lost (galray's first encoder).
+    """
+    x = x_BCHW.float()
+    b = x.shape[0]
+    y = x - x.flatten(2).median(dim=2).values[:, :, None, None]
+    if mode == "asinh":
+        noise = sky_sigma(y).mean(1, keepdim=True).clamp_min(SKY_FLOOR)
+        return torch.asinh(y / (ASINH_SOFTENING * noise))
+    peak = torch.quantile(y.reshape(b, -1), 0.995, dim=1).clamp_min(1e-2)[:, None, None, None]
+    return (y / peak).clamp(-1.0, 3.0) * 2.0
 
 
 def d4_views(x_BCHW: Tensor) -> list[Tensor]:
@@ -169,16 +211,9 @@ class SurveyEncoder(nn.Module):
             if name in frozen:
                 p.requires_grad_(False)
 
-    @staticmethod
-    def normalize(x_BCHW: Tensor) -> Tensor:
-        """Images on the [0, 1] scale -> the backbone's input: minus each channel's median (the sky),
-        divided by the image's 99.5th percentile over all channels (its robust peak), clipped to
-        [-1, 3], times 2. Per image, so depth and stretch differences between surveys drop out."""
-        x = x_BCHW.float()
-        b = x.shape[0]
-        y = x - x.flatten(2).median(dim=2).values[:, :, None, None]
-        peak = torch.quantile(y.reshape(b, -1), 0.995, dim=1).clamp_min(1e-2)[:, None, None, None]
-        return (y / peak).clamp(-1.0, 3.0) * 2.0
+    def normalize(self, x_BCHW: Tensor) -> Tensor:
+        """Images on the [0, 1] scale -> the backbone's input (:func:`normalize_images`, the config's mode)."""
+        return normalize_images(x_BCHW, self.cfg.normalization)
 
     def features(self, x_BCHW: Tensor) -> Tensor:
         """(B, C, S, S) images on the [0, 1] scale -> (B, D) pooled backbone features of that one view."""
@@ -193,12 +228,19 @@ class SurveyEncoder(nn.Module):
                 head = 1.0 + 99.0 * torch.sigmoid(head)
         return EncoderOutput(h, self.projector(h) if self.projector is not None else None, head)
 
-    def embed(self, x_BCHW: Tensor) -> Tensor:
-        """(B, C, S, S) images on the [0, 1] scale -> (B, D) embeddings (D4-averaged when ``invariant``)."""
-        if not self.cfg.invariant:
+    def pooled(self, x_BCHW: Tensor) -> Tensor:
+        """(B, C, S, S) images on the [0, 1] scale -> (B, E) the embedding of that one view (``pool``)."""
+        if self.cfg.pool == "last":
             return self.features(x_BCHW)
+        final, stages = self.backbone.forward_intermediates(self.normalize(x_BCHW))
+        return torch.cat([t.float().mean((2, 3)) for t in stages] + [self.backbone.forward_head(final)], 1)
+
+    def embed(self, x_BCHW: Tensor) -> Tensor:
+        """(B, C, S, S) images on the [0, 1] scale -> (B, E) embeddings (D4-averaged when ``invariant``)."""
+        if not self.cfg.invariant:
+            return self.pooled(x_BCHW)
         views = d4_views(x_BCHW)
-        out = self.features(torch.cat(views)).view(len(views), x_BCHW.shape[0], -1)
+        out = self.pooled(torch.cat(views)).view(len(views), x_BCHW.shape[0], -1)
         return out.mean(0)
 
 
