@@ -15,11 +15,12 @@ Feature sets, each embedded from the same pixels (``size`` px):
 
 - ``encoder``: `galray train encoder`'s self-supervised loop (galray.train.encoder_loop, SimCLR) on
   simulated + real training cutouts (``real_share`` of each batch real), embedded by
-  ``SurveyEncoder.embed`` (what `galray embed --model encoder:CKPT` runs: D4-averaged backbone features);
+  ``SurveyEncoder.embed`` (what `galray embed --model encoder:CKPT` runs: D4-averaged pooled features);
 - ``encoder_realonly``: the same, trained on the real XDF training half only (the sim-to-real check);
 - ``random``: the same encoder untrained (random init, same embedding path);
-- ``random_peak``: the same, with the first release's input scaling (``normalization: peak``),
-  so that changing the encoder's defaults can never weaken the random baseline unseen;
+- ``random_peak``: the same, with the first release's input scaling and pooling
+  (``normalization: peak``, ``pool: last``), so that changing the encoder's defaults can never
+  weaken the random baseline unseen;
 - ``pixels_pca``: PCA of the raw pixels, fitted on the same unlabelled training cutouts;
 - ``vqvae``: galray's VQ-VAE (galray.train.vqvae_loop) trained on the same unlabelled cutouts,
   embedded by ``VQVAE.embed`` (what `galray embed --model vqvae:CKPT` runs).
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         rand = SurveyEncoder(encoder_preset("pico")).eval()
         features["random"] = {k: embed_all(rand.embed, x[k]) for k in probe_sets}
         torch.manual_seed(args.seed)
-        rand_peak = SurveyEncoder(replace(encoder_preset("pico"), normalization="peak")).eval()
+        rand_peak = SurveyEncoder(replace(encoder_preset("pico"), normalization="peak", pool="last")).eval()
         features["random_peak"] = {k: embed_all(rand_peak.embed, x[k]) for k in probe_sets}
     out["cpu_s_random"] = round(c.cpu, 1)
     with Clock() as c:

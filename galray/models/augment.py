@@ -36,31 +36,40 @@ from galray.config import check
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """The ranges of the random view (defaults: measured on simulated + XDF cutouts at 32 px)."""
+    """The ranges of the random view.
+
+    The defaults keep what a galaxy's embedding must still tell apart: its size and axis ratio
+    (no zoom, so no random-resized-crop scale jitter; little blur, which rounds small galaxies;
+    a narrow stretch range, which moves isophotes) and its signal-to-noise (noise relative to the
+    image's own sky, brightness jitter that the asinh input scaling divides out). The views differ
+    by any rotation, a flip, a small shift, a fresh noise realisation, mild blur and colour.
+    Measured with ``bench/encoder_probe.py`` (XDF axis ratio and size probes): the first defaults,
+    with zoom (0.85, 1.3), blur up to 1.2 px and noise up to 0.04, taught the encoder to ignore both.
+    """
 
     rotate: bool = True
     """Rotate by a uniform angle in [0, 2 pi)."""
     flip: bool = True
     """Mirror half of the images."""
-    zoom: tuple[float, float] = (0.85, 1.3)
+    zoom: tuple[float, float] = (1.0, 1.0)
     """Magnification range, log-uniform (>1 zooms in, like a random-resized crop; <1 zooms out with sky padding)."""
-    shift: float = 0.06
+    shift: float = 0.03
     """Largest shift, as a fraction of the side."""
-    blur_max: float = 1.2
+    blur_max: float = 0.5
     """Largest Gaussian sigma in pixels of the model's input size."""
-    p_blur: float = 0.5
+    p_blur: float = 0.3
     """Share of images blurred."""
-    gamma: tuple[float, float] = (0.75, 1.33)
+    gamma: tuple[float, float] = (0.9, 1.11)
     """Stretch exponent range, log-uniform."""
-    tau: float = 0.25
+    tau: float = 0.15
     """Extinction-like colour jitter: tau ~ U(-tau, tau)."""
-    brightness: float = 0.25
+    brightness: float = 0.1
     """Brightness gain exp(U(-b, b))."""
     p_colour: float = 0.8
     """Share of images given colour and brightness jitter."""
-    noise_max: float = 0.04
+    noise_max: float = 0.0
     """Largest added noise sigma, on the [0, 1] image scale."""
-    noise_rel: float = 0.0
+    noise_rel: float = 0.5
     """Largest added noise sigma, in units of the image's own sky noise (MAD of its outer frame)."""
 
     def __post_init__(self) -> None:
