@@ -40,7 +40,7 @@ def _galaxies(n: int = 16, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
 def test_identity_view_is_sky_subtracted_input_and_views_are_seeded():
     x = torch.rand(4, 3, 16, 16)
     off = AugmentConfig(rotate=False, flip=False, zoom=(1.0, 1.0), shift=0.0, blur_max=0.0, gamma=(1.0, 1.0), tau=0.0,
-                        brightness=0.0, noise_max=0.0)
+                        brightness=0.0, noise_max=0.0, noise_rel=0.0)
     expect = x - x.flatten(2).median(dim=2).values[:, :, None, None]
     torch.testing.assert_close(random_view(x, off, torch.Generator().manual_seed(0)), expect, atol=1e-5, rtol=0)
     a = random_view(x, AugmentConfig(), torch.Generator().manual_seed(3))
@@ -147,7 +147,7 @@ def test_selfsup_loss_falls_and_finetune_overfits_one_batch():
     cfg = encoder_loop.EncoderTrainConfig(mode="finetune", steps=60, lr=3e-3, warmup_steps=2, log_every=10,
                                           augment=AugmentConfig(rotate=False, flip=False, zoom=(1.0, 1.0), shift=0.0,
                                                                 blur_max=0.0, tau=0.0, brightness=0.0, noise_max=0.0,
-                                                                gamma=(1.0, 1.0)))
+                                                                noise_rel=0.0, gamma=(1.0, 1.0)))
     encoder_loop.train(clf, [{"pixels": x, "label": labels}], cfg)
     ev = encoder_loop.evaluate(clf, [{"pixels": x, "label": labels}])
     assert ev.metrics["val_acc"] == 1.0, ev
