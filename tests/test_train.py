@@ -19,7 +19,7 @@ from mlflow.models import Model
 
 from galray.config import ConfigError, from_dict
 from galray.data.shards import ImageSpec, make_table, shard_name, write_table
-from galray.data.galsim_survey import SimConfig, render_batch
+from galray.data.galsim_survey import SimConfig, object_id, render_batch
 from galray.storage import arrow_filesystem
 from galray.train.config import TrainJob
 from galray.data.split import is_val
@@ -71,6 +71,17 @@ def _assert_run_recorded(uri: str, run_id: str, kind: str, figures: set[str]) ->
     assert json.loads(store.dataset.profile)["num_rows"] > 0
 
 
+def _assert_skipped(uri: str, summary, reason: str, ids: set[str]) -> None:
+    """The summary and the MLflow run both name the rows training left out, and why."""
+    assert summary.skipped_rows == {reason: len(ids)}, summary.skipped_rows
+    assert f"skipped {len(ids)} row(s): {reason}" in summary.format()
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert client.get_run(summary.mlflow_run_id).data.metrics["rows_skipped"] == len(ids)
+    report = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=summary.mlflow_run_id, tracking_uri=uri,
+                                                                 artifact_path="skipped_rows.json")).read_text())
+    assert report[reason]["rows"] == len(ids) and set(report[reason]["examples"]) == ids
+
+
 def _s3_checkpoints(s3_server, bucket: str, prefix: str) -> set[str]:
     objs = s3_server.client().list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
     return {o["Key"].split("/")[-2] for o in objs if o["Key"].endswith("/model.safetensors")}
@@ -93,11 +104,12 @@ def _cutout_store(uri: str, n_shards: int, rows: int, size: int = 32, flux: bool
                     fs, f"{root}/{shard_name(s)}")
 
 
-def _embedding_store(uri: str, d: int = 16) -> None:
+def _embedding_store(uri: str, d: int = 16, nan_rows: tuple[int, ...] = ()) -> None:
     from galray.data.stores import embedding_table
     from galray.models.sae import planted_dictionary
 
     x, _ = planted_dictionary(ROWS * SHARDS, d, n_features=24, k_active=2, noise=0.01, seed=0)
+    x[list(nan_rows), 1] = float("nan")
     fs, root = arrow_filesystem(uri)
     for s in range(SHARDS):
         ids = np.array([f"emb-{i:06d}" for i in range(s * ROWS, (s + 1) * ROWS)], dtype=object)
@@ -167,7 +179,7 @@ def test_sae_recovers_from_worker_failure_and_resumes(ray_session, s3_env, s3_se
 
     monkeypatch.chdir(tmp_path)  # MLflow's local artifact root
     bucket = s3_env
-    _embedding_store(f"s3://{bucket}/emb")
+    _embedding_store(f"s3://{bucket}/emb", nan_rows=(5, 130))  # rows training leaves out, and reports
     marker = tmp_path / "failed-once"
     monkeypatch.setenv("GALRAY_TEST_FAIL_AT_STEP", "8")
     monkeypatch.setenv("GALRAY_TEST_FAIL_MARKER", str(marker))
@@ -191,6 +203,7 @@ def test_sae_recovers_from_worker_failure_and_resumes(ray_session, s3_env, s3_se
     _assert_loss_decreased(tracking["uri"], s.mlflow_run_id)
     _assert_run_recorded(tracking["uri"], s.mlflow_run_id, "sae", {"loss_curves", "feature_density"})
     assert "val_fvu" in s.eval
+    _assert_skipped(tracking["uri"], s, "embedding has NaN or infinite values", {"emb-000005", "emb-000130"})
 
     # Same name and storage path again, with more steps: resumes from the last checkpoint, same MLflow run.
     monkeypatch.delenv("GALRAY_TEST_FAIL_AT_STEP")
@@ -218,7 +231,8 @@ def test_vqvae_two_workers(ray_session, s3_env, s3_server, tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)
     bucket = s3_env
-    _cutout_store(str(tmp_path / "cutouts"), SHARDS, ROWS, size=32)  # resized to the model's 16 px
+    # Resized to the model's 16 px; one unusable (all-NaN) image per shard, left out and reported.
+    _cutout_store(str(tmp_path / "cutouts"), SHARDS, ROWS, size=32, flux=True, nan_rows=(3,))
     tracking = _tracking(tmp_path)
     job = from_dict(TrainJob, {
         "kind": "vqvae", "input": str(tmp_path / "cutouts"), "name": "vq", "storage_path": f"s3://{bucket}/runs",
@@ -236,6 +250,8 @@ def test_vqvae_two_workers(ray_session, s3_env, s3_server, tmp_path, monkeypatch
     for key in ("perplexity", "utilisation"):
         assert _history(tracking["uri"], s.mlflow_run_id, key)
     assert 1.0 <= s.eval["val_perplexity"] <= 16
+    sim = SimConfig(size=32, keep_flux=True)
+    _assert_skipped(tracking["uri"], s, "all pixels are NaN or inf", {object_id(3, sim), object_id(ROWS + 3, sim)})
 
 
 def test_encode_then_prior_two_workers(ray_session, s3_env, s3_server, tmp_path, monkeypatch):
@@ -267,6 +283,10 @@ def test_encode_then_prior_two_workers(ray_session, s3_env, s3_server, tmp_path,
     assert errors.column("stage").to_pylist() == ["encode"] and "NaN" in errors.column("reason")[0].as_py()
     again = encode_store(EncodeJob(input=str(tmp_path / "flux"), vqvae=str(tmp_path / "vq"), output=out))
     assert again.skipped_shards == SHARDS and again.rows_in == 0  # finished shards are not redone
+    # Two rows with codes outside the codebook (a store from elsewhere): the prior leaves them out and reports them.
+    from galray.data.stores import codes_table
+    write_table(codes_table(["bad-0", "bad-1"], np.array([[16] + [0] * 15, [-3] + [0] * 15]), np.zeros(2, np.int64),
+                            16, meta), fs, f"{root}/shard-00009.parquet")
 
     tracking = _tracking(tmp_path)
     s = fit(from_dict(TrainJob, {
@@ -281,6 +301,7 @@ def test_encode_then_prior_two_workers(ray_session, s3_env, s3_server, tmp_path,
     _assert_loss_decreased(tracking["uri"], s.mlflow_run_id)
     _assert_run_recorded(tracking["uri"], s.mlflow_run_id, "prior", {"loss_curves"})
     assert "val_loss" in s.eval
+    _assert_skipped(tracking["uri"], s, "codes outside the prior's vocabulary [0, 16)", {"bad-0", "bad-1"})
 
     with pytest.raises(ConfigError, match="seq_len"):
         fit(from_dict(TrainJob, {"kind": "prior", "input": out, "name": "bad", "prior": {"model": {"seq_len": 64,

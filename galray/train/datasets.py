@@ -14,6 +14,10 @@ the same object is always on the same side, whatever the shard layout), as the b
   (N,) int64 or ``"votes"`` (N, A) float32 when fine-tuning; the driver loads ``encoder.init_from``'s
   weights (where names and shapes match the model) as the state every rank starts from.
 
+Rows a model cannot take are left out, and each is reported with its reason to the run's
+:mod:`galray.train.skipped_rows` counter (``skipped``): an image that cannot be prepared, an embedding
+with NaN or infinite values, codes outside the prior's vocabulary.
+
 The batch functions run in Ray Data tasks; Ray is imported inside functions.
 """
 
@@ -39,6 +43,7 @@ from galray.models.sae import SAEConfig
 from galray.models.vqvae import VQVAEConfig
 from galray.storage import StorageConfig
 from galray.train.config import TrainJob
+from galray.train.skipped_rows import report_skipped
 
 if TYPE_CHECKING:
     import ray.data  # noqa: F401 (the Splits annotation)
@@ -65,52 +70,78 @@ def _keep(ids: Sequence[Any], split: str, fraction: float) -> np.ndarray:
 
 # --- Ray Data batch functions (run in Ray Data tasks) ----------------------------------------------
 
-def sae_batch(table: pa.Table, split: str, val_fraction: float) -> dict[str, np.ndarray]:
-    """Embedding store rows of one split -> {"x": (N, D) float32}."""
-    keep = _keep(table.column(ID_COLUMN).to_pylist(), split, val_fraction)
-    return {"x": np.ascontiguousarray(list_column_values(table.column(EMBEDDING_COLUMN))[keep], dtype=np.float32)}
+def _usable(ids: Sequence[Any], keep: np.ndarray, ok: np.ndarray, split: str, reason: str, skipped: Any
+            ) -> np.ndarray:
+    """``ok`` (a mask of the rows ``keep`` selects from ``ids``), after reporting the rows it leaves out to
+    ``skipped`` with ``reason``."""
+    if not ok.all():
+        report_skipped(skipped, split, [ids[i] for i in np.flatnonzero(keep)[~ok]], reason)
+    return ok
 
 
-def prior_batch(table: pa.Table, split: str, val_fraction: float, num_classes: int) -> dict[str, np.ndarray]:
-    """Code store rows -> {"codes": (N, T) int64, "label": (N,) int64}; labels < 0 become the null class."""
-    keep = _keep(table.column(ID_COLUMN).to_pylist(), split, val_fraction)
+def sae_batch(table: pa.Table, split: str, val_fraction: float, skipped: Any = None) -> dict[str, np.ndarray]:
+    """Embedding store rows of one split -> {"x": (N, D) float32}; rows with NaN or infinite values are
+    left out (and reported to ``skipped``)."""
+    ids = table.column(ID_COLUMN).to_pylist()
+    keep = _keep(ids, split, val_fraction)
+    x = np.asarray(list_column_values(table.column(EMBEDDING_COLUMN))[keep], dtype=np.float32)
+    ok = _usable(ids, keep, np.isfinite(x).all(axis=1), split, "embedding has NaN or infinite values", skipped)
+    return {"x": np.ascontiguousarray(x[ok])}
+
+
+def prior_batch(table: pa.Table, split: str, val_fraction: float, num_classes: int, vocab_size: int | None = None,
+                skipped: Any = None) -> dict[str, np.ndarray]:
+    """Code store rows -> {"codes": (N, T) int64, "label": (N,) int64}; labels < 0 become the null class.
+    Rows with a code outside ``[0, vocab_size)`` are left out (and reported to ``skipped``)."""
+    ids = table.column(ID_COLUMN).to_pylist()
+    keep = _keep(ids, split, val_fraction)
     codes = list_column_values(table.column(CODES_COLUMN))[keep].astype(np.int64)
     if LABEL_COLUMN in table.column_names:
         labels = np.asarray(table.column(LABEL_COLUMN).to_numpy(zero_copy_only=False), dtype=np.int64)[keep]
     else:
         labels = np.full(len(codes), -1, np.int64)
+    if vocab_size is not None:
+        ok = _usable(ids, keep, ((codes >= 0) & (codes < vocab_size)).all(axis=1), split,
+                     f"codes outside the prior's vocabulary [0, {vocab_size})", skipped)
+        codes, labels = codes[ok], labels[ok]
     return {"codes": codes, "label": np.where(labels < 0, num_classes, labels)}
 
 
-def _pixels(batch: dict[str, np.ndarray], split: str, val_fraction: float, plan: ImagePlan
+def _pixels(batch: dict[str, np.ndarray], split: str, val_fraction: float, plan: ImagePlan, skipped: Any = None
             ) -> tuple[np.ndarray, np.ndarray]:
     """(pixels (N, C, S, S), the rows they come from): the split's rows whose image can be used
-    (a CutoutError leaves the row out), with `galray embed`'s preprocessing."""
-    keep = np.flatnonzero(_keep(list(batch[ID_COLUMN]), split, val_fraction))
+    (a CutoutError leaves the row out, reported to ``skipped`` with its reason), with `galray embed`'s
+    preprocessing."""
+    ids = list(batch[ID_COLUMN])
+    keep = np.flatnonzero(_keep(ids, split, val_fraction))
     images = batch[plan.column]
     out, rows = [], []
+    left_out: dict[str, list[Any]] = {}
     for i in keep:
         try:
             out.append(prepare_image(images[i], plan))
             rows.append(i)
-        except CutoutError:
-            pass
+        except CutoutError as err:
+            left_out.setdefault(str(err), []).append(ids[i])
+    for reason, bad in left_out.items():
+        report_skipped(skipped, split, bad, reason)
     shape = (0, plan.in_chans, plan.size, plan.size)
     return (np.stack(out) if out else np.zeros(shape, plan.pixel_dtype)), np.asarray(rows, dtype=np.int64)
 
 
-def vqvae_batch(batch: dict[str, np.ndarray], split: str, val_fraction: float, plan: ImagePlan
+def vqvae_batch(batch: dict[str, np.ndarray], split: str, val_fraction: float, plan: ImagePlan, skipped: Any = None
                 ) -> dict[str, np.ndarray]:
     """Cutout rows -> {"pixels": (N, C, S, S)}: `galray embed`'s preprocessing at the VQ-VAE's size.
-    Rows whose image cannot be used (CutoutError) are left out."""
-    return {"pixels": _pixels(batch, split, val_fraction, plan)[0]}
+    Rows whose image cannot be used (CutoutError) are left out (and reported to ``skipped``)."""
+    return {"pixels": _pixels(batch, split, val_fraction, plan, skipped)[0]}
 
 
 def encoder_batch(batch: dict[str, np.ndarray], split: str, val_fraction: float, plan: ImagePlan,
-                  label_column: str | None = None, vote_columns: Sequence[str] = ()) -> dict[str, np.ndarray]:
+                  label_column: str | None = None, vote_columns: Sequence[str] = (), skipped: Any = None
+                  ) -> dict[str, np.ndarray]:
     """Cutout rows -> {"pixels"}, plus {"label": (N,) int64} (missing labels: -1) or
     {"votes": (N, A) float32} (missing counts: 0) for fine-tuning."""
-    pixels, rows = _pixels(batch, split, val_fraction, plan)
+    pixels, rows = _pixels(batch, split, val_fraction, plan, skipped)
     out = {"pixels": pixels}
     if label_column:
         label = np.asarray(batch[label_column], dtype=np.float64)[rows]
@@ -246,31 +277,36 @@ def _quiet_data() -> Iterator[None]:
         ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.execution_options.preserve_order = saved
 
 
-def _sae_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelConfig, dict[str, np.ndarray]]:
+def _sae_data(job: TrainJob, storage: StorageConfig, skipped: Any
+              ) -> tuple[Splits, ModelConfig, dict[str, np.ndarray]]:
     cfg, init_state = _sae_init(job, storage)
     ds = _read(job, storage, [ID_COLUMN, EMBEDDING_COLUMN])
-    return ({split: ds.map_batches(sae_batch, fn_kwargs={"split": split, "val_fraction": job.val_fraction},
+    return ({split: ds.map_batches(sae_batch, fn_kwargs={"split": split, "val_fraction": job.val_fraction,
+                                                         "skipped": skipped},
                                    batch_format="pyarrow", zero_copy_batch=True) for split in ("train", "val")},
             cfg, init_state)
 
 
-def _prior_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelConfig, dict[str, np.ndarray]]:
+def _prior_data(job: TrainJob, storage: StorageConfig, skipped: Any
+                ) -> tuple[Splits, ModelConfig, dict[str, np.ndarray]]:
     _check_codes(job, storage)
     fs, paths = _shards(job, storage)
     cols = [ID_COLUMN, CODES_COLUMN] + ([LABEL_COLUMN] if LABEL_COLUMN in read_schema(
         fs, paths[0]).names else [])
     ds = _read(job, storage, cols)
     return ({split: ds.map_batches(prior_batch, fn_kwargs={
-        "split": split, "val_fraction": job.val_fraction, "num_classes": job.prior.model.num_classes},
+        "split": split, "val_fraction": job.val_fraction, "num_classes": job.prior.model.num_classes,
+        "vocab_size": job.prior.model.vocab_size, "skipped": skipped},
         batch_format="pyarrow", zero_copy_batch=True) for split in ("train", "val")}, job.prior.model, {})
 
 
-def _vqvae_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelConfig, dict[str, np.ndarray]]:
+def _vqvae_data(job: TrainJob, storage: StorageConfig, skipped: Any
+                ) -> tuple[Splits, ModelConfig, dict[str, np.ndarray]]:
     m = job.vqvae.model
     plan = _image_plan(job, storage, m.image_size, m.in_channels)
     ds = _read(job, storage, [ID_COLUMN, plan.column])
     return ({split: ds.map_batches(vqvae_batch, fn_kwargs={
-        "split": split, "val_fraction": job.val_fraction, "plan": plan}, batch_format="numpy")
+        "split": split, "val_fraction": job.val_fraction, "plan": plan, "skipped": skipped}, batch_format="numpy")
         for split in ("train", "val")}, job.vqvae.model, {})
 
 
@@ -295,7 +331,8 @@ def _encoder_init(job: TrainJob, cfg: EncoderConfig, storage: StorageConfig) -> 
     return keep
 
 
-def _encoder_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelConfig, dict[str, np.ndarray]]:
+def _encoder_data(job: TrainJob, storage: StorageConfig, skipped: Any
+                  ) -> tuple[Splits, ModelConfig, dict[str, np.ndarray]]:
     cfg, section = job.encoder.model_config(), job.encoder
     plan = _image_plan(job, storage, cfg.image_size, cfg.in_channels)
     label_column = section.label_column if section.train.mode == "finetune" and cfg.num_classes else None
@@ -308,11 +345,11 @@ def _encoder_data(job: TrainJob, storage: StorageConfig) -> tuple[Splits, ModelC
     ds = _read(job, storage, [ID_COLUMN, plan.column, *([label_column] if label_column else []), *vote_columns])
     return ({split: ds.map_batches(encoder_batch, fn_kwargs={
         "split": split, "val_fraction": job.val_fraction, "plan": plan, "label_column": label_column,
-        "vote_columns": vote_columns}, batch_format="numpy") for split in ("train", "val")},
+        "vote_columns": vote_columns, "skipped": skipped}, batch_format="numpy") for split in ("train", "val")},
         cfg, _encoder_init(job, cfg, storage))
 
 
-BUILDERS: dict[str, Callable[[TrainJob, StorageConfig], tuple[Splits, ModelConfig, dict[str, np.ndarray]]]] = {
+BUILDERS: dict[str, Callable[[TrainJob, StorageConfig, Any], tuple[Splits, ModelConfig, dict[str, np.ndarray]]]] = {
     "sae": _sae_data, "vqvae": _vqvae_data, "prior": _prior_data, "encoder": _encoder_data}
 
 # The job keys each kind's builder reads ("*": every kind): a hyperparameter campaign reads its data
@@ -336,11 +373,13 @@ assert set(BUILDERS) == set(DATA_KEYS) - {"*"} == set(MODEL_CONFIGS), \
     "every kind has a builder, data keys and a model config"
 
 
-def build_datasets(job: TrainJob, storage: StorageConfig) -> PreparedData:
+def build_datasets(job: TrainJob, storage: StorageConfig, skipped: Any = None) -> PreparedData:
     """The kind's train and validation splits (materialised in the object store with ``job.materialize``;
-    the training split in a seeded random block order), its model config and initial state."""
+    the training split in a seeded random block order), its model config and initial state. Rows the
+    batch functions leave out are reported to ``skipped`` (:func:`galray.train.skipped_rows.skipped_rows_counter`;
+    None: not counted)."""
     with _quiet_data():
-        splits, model_config, init_state = BUILDERS[job.kind](job, storage)
+        splits, model_config, init_state = BUILDERS[job.kind](job, storage, skipped)
         if job.materialize:
             splits = {k: v.materialize() for k, v in splits.items()}
         splits["train"] = splits["train"].randomize_block_order(seed=job.seed)

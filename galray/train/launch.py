@@ -21,12 +21,15 @@ On the driver, ``fit``
    the run's metric history, so they span restarts; codebook usage; SAE feature density),
    logs the model as an MLflow pyfunc model with a signature and an input example
    (:meth:`Tracker.log_model`), registers it and closes the run. The input store is recorded
-   as the run's input dataset (URI and row count).
+   as the run's input dataset (URI and row count). The rows training left out, and why
+   (:mod:`galray.train.skipped_rows`), go to the summary and the run: metric ``rows_skipped``
+   and ``skipped_rows.json`` (rows and a few example ids per reason).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -44,6 +47,7 @@ from galray.storage import StorageConfig, check_access, join
 from galray.tracking import Tracker, TrackingConfig, metric_series, open_run, store_name
 from galray.train.config import TrainJob
 from galray.train.datasets import PreparedData, build_datasets
+from galray.train.skipped_rows import skipped_rows_counter, skipped_totals
 
 if TYPE_CHECKING:
     import ray.train
@@ -108,6 +112,8 @@ class TrainSummary:
     """Largest difference between ranks of the synchronised weights at the end (0 when identical)."""
     metrics: dict[str, float] = field(default_factory=dict)
     eval: dict[str, float] = field(default_factory=dict)
+    skipped_rows: dict[str, int] = field(default_factory=dict)
+    """Rows of the input left out (an unusable image, a NaN embedding, codes outside the vocabulary), by reason."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,8 +124,9 @@ class TrainSummary:
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
         resumed = f" (resumed from step {self.resumed_from_step})" if self.resumed_from_step else ""
         run = f", MLflow run {self.mlflow_run_id}" if self.mlflow_run_id else ""
+        skipped = "".join(f"\nskipped {n:,} row(s): {reason}" for reason, n in self.skipped_rows.items())
         return (f"train {self.kind} {self.name}: {self.step} steps{resumed}, global batch {self.global_batch_size}, "
-                f"{self.seconds:.1f} s; {metrics}\ncheckpoint {self.checkpoint}{run}")
+                f"{self.seconds:.1f} s; {metrics}\ncheckpoint {self.checkpoint}{run}{skipped}")
 
 
 def _run_config(job: TrainJob, storage: StorageConfig) -> "ray.train.RunConfig":
@@ -140,6 +147,7 @@ def _run_config(job: TrainJob, storage: StorageConfig) -> "ray.train.RunConfig":
 def fit(job: TrainJob) -> TrainSummary:
     """Train ``job`` with Ray Train; returns the summary. Rerunning the same name and storage_path
     resumes from the latest checkpoint; raises (and marks the MLflow run FAILED) if training fails."""
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -156,7 +164,8 @@ def fit(job: TrainJob) -> TrainSummary:
     if job.scaling.use_gpu:  # on an autoscaling cluster: ask for the GPU nodes and wait (bounded)
         await_resources({"GPU": job.scaling.gpus_per_worker}, job.scaling.num_workers,
                         timeout_s=job.scaling.wait_s, field="scaling.use_gpu")
-    data = build_datasets(job, storage)
+    skipped = skipped_rows_counter()
+    data = build_datasets(job, storage, skipped)
     run_config = _run_config(job, storage)
     tracker = open_run(tracking, job.run_key, job.name, {"galray.kind": job.kind},
                        {**flatten(job), **_resolved_params(job, data)})
@@ -177,6 +186,9 @@ def fit(job: TrainJob) -> TrainSummary:
     try:
         result = trainer.fit()
         ret = result.return_value or {}
+        skipped_report = ray.get(skipped.report.remote())
+        tracker.log_metrics({"rows_skipped": sum(skipped_totals(skipped_report).values())})
+        tracker.log_text(json.dumps(skipped_report, indent=1), "skipped_rows.json")
         _log_outputs(job, tracker, tracking, result, ret)
     except BaseException:
         tracker.finish("FAILED")
@@ -192,4 +204,4 @@ def fit(job: TrainJob) -> TrainSummary:
         seconds=time.perf_counter() - t0, mlflow_run_id=tracker.run_id,
         replica_max_diff=float(ret.get("replica_max_diff", 0.0)),
         metrics={k: float(v) for k, v in (ret.get("last") or {}).items()},
-        eval={k: float(v) for k, v in (ret.get("eval") or {}).items()})
+        eval={k: float(v) for k, v in (ret.get("eval") or {}).items()}, skipped_rows=skipped_totals(skipped_report))
