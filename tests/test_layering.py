@@ -105,7 +105,7 @@ def _galray_imports(path: Path) -> set[str]:
     return out
 
 
-STAGES = {p.stem for p in PKG.glob("stages/*.py")} - {"__init__", "pool", "summary"}
+STAGES = {p.stem for p in PKG.glob("stages/*.py")} - {"__init__", "pool", "summary", "shard_attempts"}
 
 
 def _may_import(module: str, allowed: tuple[str, ...]) -> bool:

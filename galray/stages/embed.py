@@ -47,14 +47,16 @@ written by one actor call:
 2. A killed replica loses no rows and duplicates none: Ray restarts the actor and re-runs the call
    it held, which recomputes the shard from its start and writes the same file whole. No row ever
    leaves an actor, so nothing can be replayed row by row; the driver counts each shard once.
-   Retries are bounded: a shard gets 1 + :data:`galray.session.MAX_RETRIES` (4) attempts
-   (``max_task_retries``; Ray Data's default retries without end, so one shard that kills its
-   replica every time, e.g. for memory, would hang the job). Ray Data then skips that call
-   (``max_errored_blocks=-1``) and the driver writes the shard's rows as errors rows naming the
-   retries (:func:`write_given_up_embeddings`, which reads its ids alone); the other shards finish,
-   and the job's exit follows ``max_error_fraction``. An exception in a call is not retried: it fails the
-   job at the end, naming the shard, after every other shard is written (a rerun redoes it).
-3. The driver checks that every scheduled shard came back or was given up, and the summary that
+   Retries are bounded where the work happens: a replica asks the job's attempt counter
+   (:mod:`galray.stages.shard_attempts`) before it reads a shard, and a shard already started
+   1 + :data:`galray.session.MAX_RETRIES` (4) times (it killed its replica each time, e.g. for
+   memory) has its rows written as errors rows naming the retries (:func:`write_given_up_embeddings`,
+   which reads its ids alone) instead of being read again; the other shards finish, and the job's exit
+   follows ``max_error_fraction``. Ray itself retries a call without end (``max_task_retries=-1``):
+   its own bound also counts the calls that never reached a replica, which a lost node's callers use
+   up in about a second. An exception in a call is not retried: it fails the job at the end, naming
+   the shard, after every other shard is written (a rerun redoes it).
+3. The driver checks that every scheduled shard came back, and the summary that
    valid plus errored rows equal the input rows from the Parquet footers.
 
 Memory stays flat: a replica holds two blocks of pixels (read-ahead) and one shard's embeddings
@@ -174,7 +176,7 @@ class ShardEmbedder:
     step (subclasses instrument or extend it: test-time augmentation, fault tests).
     """
 
-    def __init__(self, job: EmbedJob, plan: ImagePlan, dim: int, provenance: dict[str, Any]):
+    def __init__(self, job: EmbedJob, plan: ImagePlan, dim: int, provenance: dict[str, Any], attempts: Any = None):
         import torch
 
         from galray.models.backbones import create_backbone
@@ -185,6 +187,7 @@ class ShardEmbedder:
         built = create_backbone(job.backbone)
         self.runner = InferenceModel(built.model, built.preprocessing, job.batch_size, compile=job.compile)
         self.job, self.plan, self.dim, self.provenance = job, plan, dim, provenance
+        self.attempts = attempts  # the job's ShardAttempts actor (None: attempts are not bounded)
         self.fs_in, _ = arrow_filesystem(job.input, job.storage)
         self.fs_out, self.out_root = arrow_filesystem(job.output, job.storage)
 
@@ -228,16 +231,22 @@ class ShardEmbedder:
                                 self.out_root, self.provenance)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from galray.session import MAX_RETRIES
+        from galray.stages.shard_attempts import attempt_number
+
         stems, out, err, failed = [], [], [], []
-        for path in batch[PATH_COLUMN]:
-            # An exception goes to the driver in the summary row: raised, the call would be skipped like one
-            # whose replica died (max_errored_blocks) and its shard given up instead of failing the job.
+        for path in map(str, batch[PATH_COLUMN]):
+            # An exception goes to the driver in the summary row: the job fails at the end, naming it.
             try:
-                written, errored, failure = *self.embed_shard(str(path)), ""
+                if self.attempts is not None and attempt_number(self.attempts, shard_stem(path)) > 1 + MAX_RETRIES:
+                    written, errored, failure = 0, write_given_up_embeddings(
+                        path, self.job, self.fs_in, self.fs_out, self.out_root, self.provenance, self.dim), ""
+                else:
+                    written, errored, failure = *self.embed_shard(path), ""
             except Exception as exc:
                 log.exception("embedding %s failed", path)
                 written, errored, failure = 0, 0, f"{type(exc).__name__}: {exc}"
-            stems.append(shard_stem(str(path)))
+            stems.append(shard_stem(path))
             out.append(written)
             err.append(errored)
             failed.append(failure)
@@ -266,8 +275,8 @@ def write_embeddings(ids: pa.Array | pa.ChunkedArray, emb_ND: np.ndarray, errors
 
 def write_given_up_embeddings(path: str, job: EmbedJob, fs_in: pafs.FileSystem, fs_out: pafs.FileSystem,
                               out_root: str, meta: dict[str, Any], dim: int) -> int:
-    """Write a shard whose replica died on every attempt as errors rows only (on the driver, which
-    reads its ids alone); returns its rows."""
+    """Write a shard whose replica died on every attempt as errors rows only (reading its ids alone);
+    returns its rows."""
     from galray.session import gave_up
 
     source = join(job.input, path.rsplit("/", 1)[-1])
@@ -319,7 +328,7 @@ def embed_store(job: EmbedJob, embedder_cls: type[ShardEmbedder] = ShardEmbedder
     rate = SteadyRate(t0, total=sum(rows.values()))
     done: set[str] = set()
     failures: dict[str, str] = {}
-    written = errored = replayed = given_up = 0
+    written = errored = replayed = 0
     try:
         for path in [p for p, n in rows.items() if n == 0]:  # empty shards get an (empty) output too, so reruns skip them
             write_embeddings(pa.array([], pa.string()), np.zeros((0, dim), np.float32), pa.array([], pa.string()),
@@ -338,10 +347,10 @@ def embed_store(job: EmbedJob, embedder_cls: type[ShardEmbedder] = ShardEmbedder
                     written, errored = written + int(out), errored + int(err)
                 rate.update(written + errored)
                 run.progress(written + errored, shards_done=len(done))
-        # Calls Ray Data gave up on (their replica died on every attempt) came back with no row: errors rows.
-        for path in [p for p in rows if shard_stem(p) not in done]:
-            errored += write_given_up_embeddings(path, job, fs_in, fs_out, out_root, meta, dim)
-            given_up += 1
+        missing = [shard_stem(p) for p in rows if shard_stem(p) not in done]
+        if missing:  # never expected (Ray retries every call); a rerun redoes them
+            raise RuntimeError(f"{len(missing)} shard(s) did not come back, nothing counted for them (a rerun "
+                               f"redoes them): {', '.join(missing[:5])}")
         if failures:
             stem, failure = next(iter(failures.items()))
             raise RuntimeError(f"{len(failures)} shard(s) failed, nothing written for them (a rerun redoes them); "
@@ -353,8 +362,7 @@ def embed_store(job: EmbedJob, embedder_cls: type[ShardEmbedder] = ShardEmbedder
                            seconds=time.perf_counter() - t0, output=job.output, skipped_shards=len(shards) - len(todo),
                            startup_s=rate.startup_s, steady_rows_per_s=rate.rows_per_s,
                            steady_window_s=rate.window_s, max_error_fraction=job.max_error_fraction)
-    run.finish(summary, {"actors": actors, "replayed_shards": replayed, "given_up_shards": given_up,
-                         "embedding_dim": dim})
+    run.finish(summary, {"actors": actors, "replayed_shards": replayed, "embedding_dim": dim})
     summary.check()
     return summary
 
@@ -364,16 +372,16 @@ def _pipeline(job: EmbedJob, paths: list[str], plan: ImagePlan, dim: int, meta: 
     """The lazy Ray Data plan: the shard paths, one call of the replicas' pool per shard."""
     import ray
 
-    from galray.session import MAX_RETRIES
+    from galray.stages.shard_attempts import shard_attempts_counter
 
     # Ray Data's own Parquet reader is not used: its read tasks ask for a whole CPU each, so a pool
     # holding every CPU (the best layout when the replicas read their own shards) would leave them
     # unschedulable and the job waiting for ever; and the unit of output is the input shard.
     ds = ray.data.from_items([{PATH_COLUMN: p} for p in paths], override_num_blocks=len(paths))
-    # The pool restarts a killed actor (max_restarts=-1: it stays full) and re-runs the call it held
-    # (a re-run call rewrites its shard's file whole), MAX_RETRIES times, not Ray Data's default of
-    # without end; a call still failing then is skipped, not fatal: the driver gives its shard up.
-    ds.context.max_errored_blocks = -1
+    # The pool restarts a killed actor (max_restarts=-1: it stays full) and Ray re-runs the call it held
+    # (a re-run call rewrites its shard's file whole) without end; the replicas bound the attempts that
+    # started (ShardAttempts), so a shard that kills its replica every time ends as errors rows.
+    attempts = shard_attempts_counter()
     # Hand out the first shard only once every replica is up (Ray Data's default starts with the first
     # ready one): otherwise the replicas that load first take all of a small store, and on a cluster the
     # nodes whose replicas start slower get none. pool_size checked the cluster can hold them all.
@@ -381,9 +389,10 @@ def _pipeline(job: EmbedJob, paths: list[str], plan: ImagePlan, dim: int, meta: 
     with warnings.catch_warnings():  # Ray 2.60 names no parameter for these; ray_remote_args is the way
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
         return ds.map_batches(
-            embedder_cls, fn_constructor_kwargs={"job": job, "plan": plan, "dim": dim, "provenance": meta},
+            embedder_cls, fn_constructor_kwargs={"job": job, "plan": plan, "dim": dim, "provenance": meta,
+                                                 "attempts": attempts},
             compute=ray.data.ActorPoolStrategy(size=actors), batch_size=1, batch_format="numpy",
-            max_restarts=-1, max_task_retries=MAX_RETRIES, **job.pool.ray_options())
+            max_restarts=-1, max_task_retries=-1, **job.pool.ray_options())
 
 
 def embed_dataset(input: str, output: str, model: str, *, weights: str | None = None, batch_size: int = 64,
