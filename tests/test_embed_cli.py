@@ -1,4 +1,4 @@
-"""`galray embed` as a user runs it: a summary line, an embedding store, and a clear GPU error."""
+"""`galray embed` as a user runs it: a summary line and an embedding store, one file per input shard."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from galray.data.galsim_survey import SimConfig, render_batch
 from galray.storage import arrow_filesystem
 
 
-def test_cli_embed_writes_one_file_per_shard_and_refuses_missing_gpus(tmp_path):
+def test_cli_embed_writes_one_file_per_shard(tmp_path):
+    # Asking for GPUs a cluster lacks fails at once: tests/test_embed.py::test_gpus_requested_without_gpus_fail_at_once
+    # (in the suite's Ray: a CLI run of its own costs ~20 s of Ray start-up); ConfigError -> exit 2: test_cli.py.
     sim = SimConfig(size=32, seed=4)
     fs, root = arrow_filesystem(str(tmp_path / "cutouts"))
     for s in range(2):
@@ -25,5 +27,3 @@ def test_cli_embed_writes_one_file_per_shard_and_refuses_missing_gpus(tmp_path):
     assert sorted(p.name for p in out.glob("*.parquet")) == [shard_name(0), shard_name(1)]
     table = pq.read_table(out / shard_name(1))
     assert table.column("object_id").to_pylist() == [f"sim-4-{i:09d}" for i in range(6, 12)]
-    gpu = run_cli(*args[:-2], "--num-gpus", "1", "--overwrite", timeout=120)
-    assert gpu.returncode == 2 and "GPU" in gpu.stderr and "Traceback" not in gpu.stderr
