@@ -20,10 +20,10 @@ Keys (one flat JSON object of numbers):
   MLflow, worker group, final evaluation and logging).
 - ``steps``, ``batch_size``, ``d_in``: the settings.
 
-Measured 2026-11-30 (--quick, a shared machine at load average ~60, notes/15-s3-report.md): plain 472
-(388 before, 556 after), ray1 106, ray2 212 samples/s, ray_overhead_ratio 0.22 (target >= 0.9: not met),
-startup_s 1071. Under that load the figure mixes Ray's overhead with scheduling: Ray's worker processes
-ran niced (state N in ps) beside the un-niced plain loop; to be measured again on a quiet machine.
+Measured 2026-12-01 (--quick, a quiet 2-core machine, notes/15-s4-train_scaling.json): plain 5,376
+(5,510 before, 5,242 after), ray1 3,453, ray2 3,916 samples/s, ray_overhead_ratio 0.64 (target >= 0.9:
+not met), scaling_ratio_ray2 1.13 (2 workers on 2 cores), startup_s 44. An earlier run at load ~60
+gave 0.22 (plain 472): under load Ray's niced worker processes lose the CPU to the plain loop.
 """
 
 from __future__ import annotations
