@@ -176,7 +176,7 @@ class ShardEmbedder:
     step (subclasses instrument or extend it: test-time augmentation, fault tests).
     """
 
-    def __init__(self, job: EmbedJob, plan: ImagePlan, dim: int, provenance: dict[str, Any], attempts: Any = None):
+    def __init__(self, job: EmbedJob, plan: ImagePlan, dim: int, provenance: dict[str, Any], attempts: Any):
         import torch
 
         from galray.models.backbones import create_backbone
@@ -187,7 +187,7 @@ class ShardEmbedder:
         built = create_backbone(job.backbone)
         self.runner = InferenceModel(built.model, built.preprocessing, job.batch_size, compile=job.compile)
         self.job, self.plan, self.dim, self.provenance = job, plan, dim, provenance
-        self.attempts = attempts  # the job's ShardAttempts actor (None: attempts are not bounded)
+        self.attempts = attempts  # the job's ShardAttempts actor (galray.stages.shard_attempts)
         self.fs_in, _ = arrow_filesystem(job.input, job.storage)
         self.fs_out, self.out_root = arrow_filesystem(job.output, job.storage)
 
@@ -238,7 +238,7 @@ class ShardEmbedder:
         for path in map(str, batch[PATH_COLUMN]):
             # An exception goes to the driver in the summary row: the job fails at the end, naming it.
             try:
-                if self.attempts is not None and attempt_number(self.attempts, shard_stem(path)) > 1 + MAX_RETRIES:
+                if attempt_number(self.attempts, shard_stem(path)) > 1 + MAX_RETRIES:
                     written, errored, failure = 0, write_given_up_embeddings(
                         path, self.job, self.fs_in, self.fs_out, self.out_root, self.provenance, self.dim), ""
                 else:
