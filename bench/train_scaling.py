@@ -12,9 +12,13 @@ Keys (one flat JSON object of numbers):
 - ``samples_per_s_plain``: ``galray.train.sae_loop.train`` on the in-memory tensor, one thread; the
   baseline. Measured before and after the Ray runs; the mean of the two (load on a shared box drifts).
 - ``samples_per_s_ray1`` / ``samples_per_s_ray2``: the workers' own rate (``samples_per_s`` of the
-  last report: rows trained by all ranks / seconds since the workers' step loop began). Includes
-  Ray Data feeding the batches, the reports and the end checkpoint; excludes start-up.
+  last report: rows trained by all ranks / seconds since the first batch reached the step loop).
+  Includes Ray Data feeding the batches and the reports; excludes start-up, the wait for the first
+  batch included (Ray Data starting each rank's stream), which is reported apart.
 - ``ray_overhead_ratio``: samples_per_s_ray1 / samples_per_s_plain (target >= 0.9).
+- ``first_batch_s``: seconds the 1-worker loop waited for its first batch.
+- ``ray_overhead_ratio_with_first_batch``: the ratio if that wait were counted in the loop's time
+  (the definition used before 2026-12-01, when the rate was counted from the loop's start).
 - ``scaling_ratio_ray2``: samples_per_s_ray2 / samples_per_s_ray1 (2 workers on this box's 2 cores).
 - ``startup_s``: wall seconds of the 1-worker ``fit`` outside its step loop (Ray start, datasets,
   MLflow, worker group, final evaluation and logging).
@@ -64,8 +68,9 @@ def plain_rate(x: torch.Tensor, steps: int, seed: int) -> float:
     return hist[-1]["samples_per_s"]
 
 
-def ray_run(store: Path, work: Path, workers: int, steps: int, seed: int) -> tuple[float, float]:
-    """(samples/s of the step loop, wall seconds of fit outside it)."""
+def ray_run(store: Path, work: Path, workers: int, steps: int, seed: int) -> tuple[float, float, float]:
+    """(samples/s of the step loop from its first batch, wall seconds of fit outside that, seconds the
+    workers waited for their first batch)."""
     from galray.config import from_dict
     from galray.train.config import TrainJob
     from galray.train.launch import fit
@@ -79,7 +84,7 @@ def ray_run(store: Path, work: Path, workers: int, steps: int, seed: int) -> tup
     s = fit(job)
     rate = s.metrics["samples_per_s"]
     loop_s = steps * BATCH * workers / rate
-    return rate, s.seconds - loop_s
+    return rate, s.seconds - loop_s, s.metrics["first_batch_s"]
 
 
 def main() -> None:
@@ -107,8 +112,8 @@ def main() -> None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         ensure_ray(num_cpus=4)
         try:
-            ray1, startup = ray_run(work / "emb", work, 1, steps, args.seed)
-            ray2, _ = ray_run(work / "emb", work, 2, steps, args.seed)
+            ray1, startup, first1 = ray_run(work / "emb", work, 1, steps, args.seed)
+            ray2, _, _ = ray_run(work / "emb", work, 2, steps, args.seed)
         finally:
             ray.shutdown()
         plain_after = plain_rate(x, steps, args.seed)
@@ -116,6 +121,8 @@ def main() -> None:
     out = {
         "samples_per_s_plain": plain, "samples_per_s_ray1": ray1, "samples_per_s_ray2": ray2,
         "ray_overhead_ratio": ray1 / plain, "scaling_ratio_ray2": ray2 / ray1, "startup_s": startup,
+        "first_batch_s": first1,
+        "ray_overhead_ratio_with_first_batch": steps * BATCH / (steps * BATCH / ray1 + first1) / plain,
         "steps": steps, "batch_size": BATCH, "d_in": D,
     }
     print(f"# plain {plain_before:.0f} then {plain_after:.0f} samples/s; wall {time.perf_counter() - t0:.0f} s",

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -51,9 +50,6 @@ from galray.train.skipped_rows import skipped_rows_counter, skipped_totals
 
 if TYPE_CHECKING:
     import ray.train
-
-TEST_ENV_PREFIX = "GALRAY_TEST_"
-
 
 # --- MLflow ----------------------------------------------------------------------------------------
 
@@ -135,13 +131,11 @@ def _run_config(job: TrainJob, storage: StorageConfig) -> "ray.train.RunConfig":
     fs, path = check_access(job.storage_path, storage)
     if isinstance(fs, pafs.LocalFileSystem):
         Path(path).mkdir(parents=True, exist_ok=True)
-    test_env = {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
     return ray.train.RunConfig(
         name=job.name, storage_path=path,
         storage_filesystem=None if isinstance(fs, pafs.LocalFileSystem) else fs,
         failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep_checkpoints),
-        worker_runtime_env={"env_vars": test_env} if test_env else None)
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.keep_checkpoints))
 
 
 def fit(job: TrainJob) -> TrainSummary:

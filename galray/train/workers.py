@@ -26,15 +26,13 @@ config the driver resolved and the state it fitted. The loop:
 BatchNorm running statistics (VQ-VAE) are per-rank under DDP, as usual; the checkpoint holds
 rank 0's.
 
-**Fault injection (tests only).** With ``GALRAY_TEST_FAIL_AT_STEP=N`` and
-``GALRAY_TEST_FAIL_MARKER=/path`` in the workers' environment, rank ``GALRAY_TEST_FAIL_RANK``
-(default: the last) raises once, before step N, and creates the marker file so the restarted
-attempt does not raise again.
+A worker that dies (a killed process, a lost node) fails the attempt; Ray Train restarts the
+group from the latest checkpoint (``FailureConfig.max_failures``). The tests kill a real worker
+process from outside; there is no fault hook in this module.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -53,11 +51,6 @@ from galray.tracking import Tracker, TrackingConfig
 from galray.train.checkpoint import checkpoint_dir_name, load_checkpoint_model, load_train_state, save_checkpoint
 from galray.train.config import TrainJob
 from galray.train.loop import Loop, batch_rows, set_lr
-
-FAIL_AT_ENV = "GALRAY_TEST_FAIL_AT_STEP"
-FAIL_MARKER_ENV = "GALRAY_TEST_FAIL_MARKER"
-FAIL_RANK_ENV = "GALRAY_TEST_FAIL_RANK"
-
 
 # --- the model -------------------------------------------------------------------------------------
 
@@ -112,18 +105,6 @@ def replica_max_diff(model: nn.Module, device: torch.device) -> float:
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     return float((hi - lo).abs().max())
-
-
-def _maybe_fail(step: int, rank: int, world: int) -> None:
-    """Test-only fault injection (see module docstring); a no-op unless the variables are set."""
-    at = os.environ.get(FAIL_AT_ENV)
-    marker = os.environ.get(FAIL_MARKER_ENV)
-    if not at or not marker or step + 1 != int(at):
-        return
-    if rank != int(os.environ.get(FAIL_RANK_ENV, world - 1)) or Path(marker).exists():
-        return
-    Path(marker).write_text(f"failed before step {at} on rank {rank}\n")
-    raise RuntimeError(f"injected failure before step {at} on rank {rank} ({FAIL_AT_ENV})")
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -207,15 +188,19 @@ class Worker:
         returns (the last step, the last metrics logged)."""
         job, shard = self.job, self.shard
         step, epoch = self.start, 0
-        t0, rows_seen = time.perf_counter(), 0
+        # The rate is counted from the first batch: the wait for it (Ray Data starting this rank's
+        # stream) is start-up, reported apart as first_batch_s. Later epochs' stream restarts count.
+        t_begin, t0, first_batch_s, rows_seen = time.perf_counter(), None, 0.0, 0
         last: dict[str, float] = {}
         while step < job.steps:
             batches = 0
             seed = job.seed + 1000 * epoch + self.rank + 7 * self.start
             for batch in shard.iter_torch_batches(batch_size=job.batch_size, drop_last=True, device=self.device,
                                                   local_shuffle_buffer_size=4 * job.batch_size, local_shuffle_seed=seed):
+                if t0 is None:
+                    t0 = time.perf_counter()
+                    first_batch_s = t0 - t_begin
                 batches += 1
-                _maybe_fail(step, self.rank, self.world)
                 lr = job.loop.lr_at(step, self.tcfg)
                 set_lr(self.optimizer, lr)
                 stats = job.loop.train_step(self.ddp, self.optimizer, batch, self.tcfg, self.generator)
@@ -224,7 +209,8 @@ class Worker:
                 if step % job.log_every == 0 or self._is_checkpoint(step):
                     elapsed = time.perf_counter() - t0
                     last = {**_mean_over_ranks({k: float(v) for k, v in stats.items()}, self.device), "lr": lr,
-                            "samples_per_s": rows_seen / max(elapsed, 1e-9), "epoch": float(epoch)}
+                            "samples_per_s": rows_seen / max(elapsed, 1e-9), "first_batch_s": first_batch_s,
+                            "epoch": float(epoch)}
                     self._report(last, step)
                 if step >= job.steps:
                     break
