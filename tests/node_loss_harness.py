@@ -3,11 +3,13 @@
     python tests/node_loss_harness.py WORKDIR OUT_JSON
 
 The cluster is the head (2 CPUs, the dashboard on 127.0.0.1 for Ray's State API) and one worker node
-(2 CPUs). Two runs, what happened written to OUT_JSON for the test to check:
+(2 CPUs). Three runs, what happened written to OUT_JSON for the test to check:
 
 1. ``jobs/embed.py --config jobs/configs/embed_cpu_debug.yaml`` as a job's driver would run it (a subprocess
    joining the cluster): its pool sizes itself to the cluster; which nodes ran its shard calls.
 2. An embed job whose worker node is removed (raylet and workers killed) once shards are coming out.
+3. A 2-worker training run spread over a fresh worker node and the head, which loses that node once it has
+   written a checkpoint.
 
 Ray keeps its files under a private RAY_TMPDIR (set by the test): ``Cluster`` writes the address of the
 cluster it starts to ``<Ray's temp dir>/ray_current_cluster``, which a plain ``ray.init()`` elsewhere on the
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -28,6 +31,7 @@ from conftest import _free_port, _kill_processes_under, write_cutouts  # tests/ 
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBED_CALL = "MapWorker"  # the shard calls of a Ray Data actor pool are its _MapWorker actors' submit tasks
+TRAIN_WORKER = "RayTrainWorker"
 
 
 def _ids(folder: Path) -> list[str]:
@@ -52,6 +56,14 @@ def _task_nodes(actor_class: str, job_id: str | None, want: int, wait_s: float =
         if len(tasks) >= want or time.time() > deadline:
             return sorted({t.node_id for t in tasks})
         time.sleep(1)
+
+
+def _actor_nodes(class_part: str) -> set[str]:
+    """Nodes of the actors (alive or dead) whose class name contains ``class_part`` (the GCS's actor table)."""
+    import ray
+
+    return {a["Address"]["NodeID"] for a in ray._private.state.actors().values()
+            if class_part in a.get("ActorClassName", "") and a["Address"].get("NodeID")}
 
 
 def _run_losing_node(cluster, worker, target, ready) -> dict:
@@ -110,6 +122,40 @@ def embed_losing_a_node(cluster, worker, workdir: Path) -> dict:
     return report
 
 
+def _registered_steps(run_dir: Path) -> set[int]:
+    """Steps of the checkpoints Ray Train's controller has registered: it rewrites
+    ``checkpoint_manager_snapshot.json`` in the run folder after each one (a checkpoint folder can be on
+    disk before the controller has it, and a restart resumes only from a registered one)."""
+    try:
+        text = (run_dir / "checkpoint_manager_snapshot.json").read_text()
+    except OSError:
+        return set()
+    return {int(m) for m in re.findall(r"step-(\d{8})", text)}
+
+
+def train_losing_a_node(cluster, workdir: Path) -> dict:
+    from galray.config import from_dict
+    from galray.train.config import TrainJob
+    from galray.train.launch import fit
+
+    worker = cluster.add_node(num_cpus=2)  # a fresh worker node, as an autoscaler would add
+    cluster.wait_for_nodes()
+    runs = workdir / "runs"
+    job = from_dict(TrainJob, {
+        "kind": "sae", "input": str(workdir / "embeddings"), "name": "sae-node-loss", "storage_path": f"file://{runs}",
+        "steps": 120, "batch_size": 8, "checkpoint_every": 10, "log_every": 10, "max_failures": 2,
+        "val_fraction": 0.1, "materialize": True,
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "placement_strategy": "SPREAD"},
+        "tracking": {"enabled": False},
+        "sae": {"model": {"group_sizes": [16, 48], "k": 4}, "train": {"lr": 3e-3, "warmup_frac": 0.0}}})
+    report = _run_losing_node(cluster, worker, lambda: fit(job),
+                              lambda: _registered_steps(runs / "sae-node-loss")
+                              and worker.node_id in _actor_nodes(TRAIN_WORKER))
+    report["worker_node"] = worker.node_id
+    report["actor_nodes"] = sorted(_actor_nodes(TRAIN_WORKER))
+    return report
+
+
 def _start_cluster(attempts: int = 3):
     """The head and one worker node. Retried: Ray gives a new raylet 30 s (hard-coded) to register with the
     GCS, which a loaded machine can miss; a failed attempt's processes are killed before the next."""
@@ -140,6 +186,7 @@ def main(workdir: Path, out_json: Path) -> None:
         report.update(head_node=cluster.head_node.node_id, worker_node=worker.node_id)
         report["cpu_debug"] = cpu_debug_job(cluster, workdir)
         report["embed"] = embed_losing_a_node(cluster, worker, workdir)
+        report["train"] = train_losing_a_node(cluster, workdir)
     finally:
         out_json.write_text(json.dumps(report, default=str))
         ray.shutdown()

@@ -1,6 +1,7 @@
 """A real 2-node cluster (``ray.cluster_utils.Cluster``, tests/node_loss_harness.py, in a fresh process so the
 suite's own Ray is untouched): the cluster's ``cpu_debug`` embed job uses both nodes' replicas; an embed job
-that loses its worker node finishes with every row exactly once."""
+that loses its worker node finishes with every row exactly once; a 2-worker training run that loses one
+resumes from its last checkpoint on the remaining node."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import _kill_processes_under
 
-pytestmark = pytest.mark.slow  # a 2-node Ray cluster of its own, two real jobs
+pytestmark = pytest.mark.slow  # a 2-node Ray cluster of its own, three real runs
 HARNESS = Path(__file__).with_name("node_loss_harness.py")
 
 
@@ -54,3 +55,14 @@ def test_embed_finishes_exactly_once_after_losing_a_node(node_loss_report):
     assert node_loss_report["worker_node"] in r["task_nodes"], r["task_nodes"]  # it did work before it went
     assert r["ids"] == r["expected_ids"]  # every row, once
     assert r["summary"]["rows_out"] == len(r["expected_ids"])
+
+
+@pytest.mark.timeout(1800)
+def test_training_resumes_from_its_checkpoint_after_losing_a_node(node_loss_report):
+    r = node_loss_report["train"]
+    assert "error" not in r, r.get("error")
+    assert r["removed_while_running"]
+    assert r["worker_node"] in r["actor_nodes"] and len(r["actor_nodes"]) == 2, r["actor_nodes"]
+    assert r["summary"]["step"] == 120
+    assert r["summary"]["resumed_from_step"] > 0  # from the last checkpoint, not from scratch
+    assert r["summary"]["replica_max_diff"] == 0.0
