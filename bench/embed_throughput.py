@@ -12,10 +12,14 @@ Galaxy Zoo DESI) hands out, which must be decoded and resized to 224:
     measured twice, right before and right after the 10N pipeline run; ``img_per_s_model_only`` is
     the mean. The full run also gives the textbook figure, one eager process with every core
     (``img_per_s_model_only_eager_1proc``).
-(b) naive: what one writes without galray. One process, every core, the eager model: read a shard,
-    decode and resize image by image, run the model, write the shard's embeddings, one step after
-    another, over 2N rows. Timed from after model creation (like the pipeline's steady rate), and
-    measured once before the limit and once after it: ``img_per_s_naive`` is the mean.
+(b) naive: what one writes without galray. One process, every core, the model under the same
+    torch.compile setting as the pipeline (``torch.compile(model)``, or eager with --no-compile):
+    read a shard, decode and resize image by image, run the model, write the shard's embeddings, one
+    step after another, over 2N rows. Its steady rate has the pipeline's window
+    (``galray.stages.summary.SteadyRate``: the rows after the first quarter, from their arrival to
+    the last), and its end-to-end rate counts from before model creation (so compilation is in it);
+    each measured once before the limit and once after it: ``img_per_s_naive`` and
+    ``img_per_s_naive_end_to_end`` are the means.
 (c) pipeline: ``galray.stages.embed.embed_store`` from the store to the output store, at N and at 10N rows,
     each in a fresh process with its own local Ray. On a CPU-only machine it runs one single-threaded
     replica per core (several single-threaded replicas use the cores better than one multi-threaded
@@ -24,8 +28,9 @@ Galaxy Zoo DESI) hands out, which must be decoded and resized to 224:
     that came back after the first quarter, over the time from then to the last. The fixed
     start-up (workers, model load, compilation) and the ramp while replicas finish compiling at
     different times are left out, as they vanish on a store of millions of rows; the start-up is
-    reported beside it (``pipeline_startup_s``), with the end-to-end rate
-    (``img_per_s_pipeline_end_to_end``).
+    reported beside it (``pipeline_startup_s``), with the end-to-end rate of the 10N run counted from
+    before its Ray starts (``img_per_s_pipeline_end_to_end``; ``ratio_end_to_end_to_model`` is it over
+    the limit, ``ratio_end_to_end_pipeline_to_naive`` over the naive loop's end-to-end rate).
     Peak RSS is the whole process tree's (driver, raylet, GCS, workers), sampled every 0.5 s, in
     the separate runs at N and 10N rows, so memory allocated up front in proportion to the store
     would show too. MLflow tracking is off in these runs (it adds a fixed start-up only).
@@ -35,12 +40,26 @@ Galaxy Zoo DESI) hands out, which must be decoded and resized to 224:
     (``replica_cores_model_only``, ``replica_cores_pipeline``: in the pipeline the rest went to Ray,
     preprocessing and the driver). Their quotient, ``ratio_replica_cores_pipeline_to_model``, is
     what ``ratio_pipeline_to_model`` would be at one and the same machine speed.
+(d) flat memory: the pipeline's in-flight pixels are bounded by replicas x 2 blocks (read-ahead) x
+    ``block_rows`` x the model's input bytes (``in_flight_cap_mb``). Two more pipeline runs, with a
+    backbone that costs nothing (``galray_pool_linear`` at 224 px, so the same decode and resize to
+    224 as above) and ``block_rows`` = 16 (quick) or 64, on stores whose decoded 224 px pixels are
+    10x and 100x that cap (``rows_cap10x``, ``rows_cap100x``): ``peak_rss_mb_cap10x`` and
+    ``peak_rss_mb_cap100x`` are the whole process tree's peaks, target
+    ``ratio_peak_rss_cap100x_to_cap10x`` <= 1.2.
 
 Sizes: --quick N=100 (10N=1,000) batch 16, about 3 minutes on 2 cores (the two pipeline start-ups
 of 20-30 s each, and the first quarter of the 10N run that the steady rate leaves out, are most of
 it); full N=1,000 batch 32.
 
     python3 bench/embed_throughput.py --quick --json OUT.json
+
+Measured 2026-12-01 (--quick, a quiet 2-core machine, compile on for the pipeline and the naive loop):
+steady img/s model only 23.7, pipeline 20.5, naive 17.9 (ratio_pipeline_to_model 0.863,
+ratio_pipeline_to_naive 1.142); end to end pipeline 12.7, naive 9.7 (ratio_end_to_end_to_model 0.536;
+the naive loop's first run compiled from a cold inductor cache, 3.6 img/s, its second 15.9); memory
+at 10x and 100x the 9.2 MB in-flight cap (640 and 6,400 rows): peak RSS 4,206 and 4,585 MB, ratio 1.09
+(target <= 1.2: met); 10N against N 1.036.
 """
 
 from __future__ import annotations
@@ -168,11 +187,12 @@ def model_only(replicas: int, threads: int, batch: int, batches: int, compile: b
 
 # --- (b) naive ----------------------------------------------------------------------------------------
 
-def naive(store: str, out: str, batch: int, max_rows: int) -> tuple[float, int]:
-    """img/s of a plain loop: read shard -> decode + resize each image -> forward -> write, sequentially.
+def naive(store: str, out: str, batch: int, max_rows: int, compile: bool) -> tuple[float, float, int]:
+    """(steady img/s, end-to-end img/s, rows) of a plain loop over the first ``max_rows`` rows of the
+    store: read shard -> decode + resize each image -> forward -> write, sequentially.
 
-    Timed from after model creation (a one-off, like the pipeline's start-up), over the first
-    ``max_rows`` rows of the store.
+    The steady rate has the pipeline's window (SteadyRate, updated as each shard is written); the
+    end-to-end rate counts from before model creation, so a compile is in it, as in the pipeline's.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -181,13 +201,16 @@ def naive(store: str, out: str, batch: int, max_rows: int) -> tuple[float, int]:
     from galray.data.cutouts import CropResizeConfig, crop_resize, decode_image
     from galray.data.shards import list_parquet
     from galray.models.backbones import BackboneConfig, create_backbone, to_model_input
+    from galray.stages.summary import SteadyRate
     from galray.storage import arrow_filesystem
 
+    t0 = time.perf_counter()
+    rate = SteadyRate(t0, total=max_rows)
     b = create_backbone(BackboneConfig(MODEL, pretrained=False))
+    model = torch.compile(b.model.eval()) if compile else b.model.eval()  # compiles at its first call
     crop = CropResizeConfig(size=b.preprocessing.input_size)
     fs, root = arrow_filesystem(store)
     Path(out).mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
     n = 0
     for info in list_parquet(fs, root):
         table = pq.read_table(info.path, filesystem=fs).slice(0, max_rows - n)
@@ -196,16 +219,28 @@ def naive(store: str, out: str, batch: int, max_rows: int) -> tuple[float, int]:
         embs = []
         with torch.inference_mode():
             for i in range(0, len(pixels), batch):
-                embs.append(b.model(to_model_input(torch.from_numpy(pixels[i:i + batch]), b.preprocessing)).numpy())
+                embs.append(model(to_model_input(torch.from_numpy(pixels[i:i + batch]), b.preprocessing)).numpy())
         emb = np.concatenate(embs)
         flat = pa.array(emb.reshape(-1), pa.float32())
         pq.write_table(pa.table({"object_id": table.column("object_id"),
                                  "embedding": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])}),
                        f"{out}/{info.base_name}")
         n += len(pixels)
+        rate.update(n)
         if n >= max_rows:
             break
-    return n / (time.perf_counter() - t0), n
+    return rate.rows_per_s, n / (time.perf_counter() - t0), n
+
+
+# --- (d) memory against the in-flight cap ---------------------------------------------------------------
+
+POOL_LINEAR = "galray_pool_linear"  # galray's backbone that costs nothing (galray.models.backbones)
+MODEL_INPUT_BYTES = 3 * 224 * 224  # a decoded, resized uint8 row at the model's input size
+
+
+def in_flight_cap_bytes(replicas: int, block_rows: int) -> int:
+    """The pixels the pipeline can hold at once: each replica's block in use and the one read ahead."""
+    return replicas * 2 * block_rows * MODEL_INPUT_BYTES
 
 
 # --- (c) the pipeline, in a child process whose whole tree we measure ----------------------------------
@@ -254,8 +289,10 @@ def tree_sample(root_pid: int, cpu_prefix: str = REPLICA_CMDLINE) -> tuple[int, 
     return sum(rss.get(p, 0) for p in tree), cpu
 
 
-def pipeline_child(store: str, out: str, batch: int, replicas: int, threads: int, compile: bool) -> None:
+def pipeline_child(store: str, out: str, batch: int, replicas: int, threads: int, compile: bool,
+                   model: str = MODEL, block_rows: int = 1024) -> None:
     """Embed ``store`` in this process's own local Ray; a START line on stdout as the job starts, a RESULT line after."""
+    t_ray = time.perf_counter()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from galray.models.backbone_config import BackboneConfig
     from galray.stages.embed import EmbedJob, embed_store
@@ -265,7 +302,8 @@ def pipeline_child(store: str, out: str, batch: int, replicas: int, threads: int
 
     cpus = os.cpu_count() or 1
     ensure_ray(num_cpus=cpus)
-    job = EmbedJob(input=store, output=out, backbone=BackboneConfig(MODEL, pretrained=False), batch_size=batch,
+    backbone = BackboneConfig(model, pretrained=False, **({} if model == MODEL else {"input_size": 224}))
+    job = EmbedJob(input=store, output=out, backbone=backbone, batch_size=batch, block_rows=block_rows,
                    pool=ActorPoolConfig(actors=replicas, cpus_per_actor=cpus / replicas),
                    torch_threads=threads, compile=compile,
                    tracking=TrackingConfig(enabled=False))
@@ -274,7 +312,8 @@ def pipeline_child(store: str, out: str, batch: int, replicas: int, threads: int
     summary = embed_store(job)
     seconds = time.perf_counter() - t0
     print(summary.format(), file=sys.stderr)
-    print("RESULT " + json.dumps({"seconds": seconds, "rows": summary.rows_out, "startup_s": summary.startup_s,
+    print("RESULT " + json.dumps({"seconds": seconds, "seconds_with_ray": time.perf_counter() - t_ray,
+                                  "rows": summary.rows_out, "startup_s": summary.startup_s,
                                   "steady": summary.steady_rows_per_s, "steady_window_s": summary.steady_window_s}),
           flush=True)
 
@@ -303,7 +342,8 @@ def _wait_for_exit(markers: tuple[str, ...], timeout_s: float) -> float:
     return time.monotonic() - t0
 
 
-def run_pipeline(store: str, out: str, batch: int, replicas: int, threads: int, compile: bool) -> dict:
+def run_pipeline(store: str, out: str, batch: int, replicas: int, threads: int, compile: bool, model: str = MODEL,
+                 block_rows: int = 1024) -> dict:
     """The pipeline on ``store``, in a fresh process with its own local Ray.
 
     Returns seconds, rows, startup_s, steady (img/s), peak_rss_mb (the whole process tree's:
@@ -311,7 +351,7 @@ def run_pipeline(store: str, out: str, batch: int, replicas: int, threads: int, 
     """
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen([sys.executable, __file__, "--child", store, out, str(batch), str(replicas), str(threads),
-                             str(int(compile))], stdout=subprocess.PIPE, text=True, env=env)
+                             str(int(compile)), model, str(block_rows)], stdout=subprocess.PIPE, text=True, env=env)
     lock, peak = threading.Lock(), [0]
     cpu_series: list[tuple[float, float]] = []  # (time, replicas' CPU seconds so far)
     stop = threading.Event()
@@ -367,11 +407,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per replica (default 1)")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="run the replicas eagerly instead of under torch.compile")
-    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        store, out, batch, replicas, threads, compile = args.child
-        pipeline_child(store, out, int(batch), int(replicas), int(threads), bool(int(compile)))
+        store, out, batch, replicas, threads, compile, model, block_rows = args.child
+        pipeline_child(store, out, int(batch), int(replicas), int(threads), bool(int(compile)), model, int(block_rows))
         return
 
     import torch
@@ -397,8 +437,10 @@ def main() -> None:
             ips_eager_1proc = model_only(1, cores, batch, max(4, n // batch), compile=False)
             print(f"model only, 1 eager process x {cores} threads: {ips_eager_1proc:.1f} img/s", file=sys.stderr)
         torch.set_num_threads(cores)
-        ips_naive_before, rows_naive = naive(f"{tmp}/store_10n", f"{tmp}/naive_out", batch, max_rows=2 * n)
-        print(f"naive loop on {rows_naive} rows: {ips_naive_before:.1f} img/s", file=sys.stderr)
+        ips_naive_before, e2e_naive_before, rows_naive = naive(f"{tmp}/store_10n", f"{tmp}/naive_out", batch,
+                                                               max_rows=2 * n, compile=args.compile)
+        print(f"naive loop on {rows_naive} rows: {ips_naive_before:.1f} img/s steady, {e2e_naive_before:.1f} "
+              f"end to end", file=sys.stderr)
         run_n = run_pipeline(f"{tmp}/store_n", f"{tmp}/out_n", batch, args.replicas, args.threads, args.compile)
         print(f"pipeline N={run_n['rows']}: {run_n}", file=sys.stderr)
         # The machine drifts: the limit is measured right before and right after the 10N run.
@@ -408,13 +450,29 @@ def main() -> None:
         print(f"pipeline 10N={run_10n['rows']}: {run_10n}", file=sys.stderr)
         ips_model_after, cpu_ms_model_after = limit()
         limit_pool.close()
-        ips_naive_after, _ = naive(f"{tmp}/store_10n", f"{tmp}/naive_out", batch, max_rows=2 * n)
-        print(f"naive loop on {rows_naive} rows: {ips_naive_after:.1f} img/s", file=sys.stderr)
+        ips_naive_after, e2e_naive_after, _ = naive(f"{tmp}/store_10n", f"{tmp}/naive_out", batch, max_rows=2 * n,
+                                                    compile=args.compile)
+        print(f"naive loop on {rows_naive} rows: {ips_naive_after:.1f} img/s steady, {e2e_naive_after:.1f} "
+              f"end to end", file=sys.stderr)
         assert run_n["rows"] == n and run_10n["rows"] == 10 * n, "the pipeline lost rows"
+        # (d) memory at 10x and 100x the in-flight cap, with the backbone that costs nothing.
+        block_rows = 16 if args.quick else 64
+        cap = in_flight_cap_bytes(args.replicas, block_rows)
+        cap_runs = {}
+        for times in (10, 100):
+            rows = -(-times * cap // MODEL_INPUT_BYTES)
+            make_store(f"{tmp}/store_cap{times}x", rows, max(block_rows, min(500, rows // MIN_SHARDS)), seed=2)
+            cap_runs[times] = run_pipeline(f"{tmp}/store_cap{times}x", f"{tmp}/out_cap{times}x", batch, args.replicas,
+                                           args.threads, args.compile, POOL_LINEAR, block_rows)
+            assert cap_runs[times]["rows"] == rows, "the pipeline lost rows"
+            cap_runs[times]["n"] = rows
+            print(f"pipeline at {times}x the in-flight cap ({rows} rows): {cap_runs[times]}", file=sys.stderr)
     # This machine's speed drifts (shared cores): the limit and the naive loop are measured before
     # and after the pipeline runs, and the pipeline is compared with their means.
     ips_model = (ips_model_before + ips_model_after) / 2
     ips_naive = (ips_naive_before + ips_naive_after) / 2
+    e2e_naive = (e2e_naive_before + e2e_naive_after) / 2
+    e2e_pipeline = 10 * n / run_10n["seconds_with_ray"]
     ips_pipeline = run_10n["steady"]
     # Cores the replicas kept busy in the limit: images/s x CPU seconds per image.
     cores_model = (ips_model_before * cpu_ms_model_before + ips_model_after * cpu_ms_model_after) / 2000
@@ -432,8 +490,20 @@ def main() -> None:
         "img_per_s_model_only_before": round(ips_model_before, 2),
         "img_per_s_model_only_after": round(ips_model_after, 2),
         "img_per_s_naive_before": round(ips_naive_before, 2),
+        "img_per_s_naive_end_to_end_before": round(e2e_naive_before, 2),
+        "img_per_s_naive_end_to_end_after": round(e2e_naive_after, 2),
         "img_per_s_naive_after": round(ips_naive_after, 2),
-        "img_per_s_pipeline_end_to_end": round(10 * n / run_10n["seconds"], 2),
+        "img_per_s_pipeline_end_to_end": round(e2e_pipeline, 2),
+        "img_per_s_naive_end_to_end": round(e2e_naive, 2),
+        "ratio_end_to_end_to_model": round(e2e_pipeline / ips_model, 3),
+        "ratio_end_to_end_pipeline_to_naive": round(e2e_pipeline / e2e_naive, 3),
+        "in_flight_cap_mb": round(cap / 2 ** 20, 1),
+        "memory_block_rows": block_rows,
+        "rows_cap10x": cap_runs[10]["n"],
+        "rows_cap100x": cap_runs[100]["n"],
+        "peak_rss_mb_cap10x": round(cap_runs[10]["peak_rss_mb"], 1),
+        "peak_rss_mb_cap100x": round(cap_runs[100]["peak_rss_mb"], 1),
+        "ratio_peak_rss_cap100x_to_cap10x": round(cap_runs[100]["peak_rss_mb"] / cap_runs[10]["peak_rss_mb"], 3),
         # Where the gap to the limit comes from: the replicas' CPU cost per image (the same in both
         # if nothing disturbs them) and how many cores they got in the pipeline's steady window.
         "replica_cpu_ms_per_img_model_only": round((cpu_ms_model_before + cpu_ms_model_after) / 2, 1),
