@@ -122,6 +122,50 @@ def s3_env(s3_server, monkeypatch):
     return s3_server.new_bucket()
 
 
+@dataclass(frozen=True)
+class MlflowServer:
+    uri: str
+    """http://127.0.0.1:PORT"""
+    bucket: str
+    """The S3 test server's bucket holding the server's artifacts, under ``mlflow/``."""
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """`mlflow server` on 127.0.0.1, as a cluster shares one: a sqlite backend and its artifacts on the S3
+    test server (``--artifacts-destination``: clients log artifacts through the server and never see S3).
+    Used by tests/test_mlflow_server.py (an embed job) and tests/test_train.py (a 2-worker training run)."""
+    import signal
+
+    bucket = s3_server.new_bucket()
+    port = _free_port()
+    db = tmp_path_factory.mktemp("mlflow-server") / "mlflow.db"
+    env = {**os.environ, **s3_server.env(), "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}
+    log = db.with_name("server.log")
+    # its own session: `mlflow server` runs uvicorn in a child process; the teardown ends the whole group
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination",
+                             f"s3://{bucket}/mlflow", "--workers", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"mlflow server did not start: {log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield MlflowServer(f"http://127.0.0.1:{port}", bucket)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:  # its job consumers (huey) may outlive a SIGTERM
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session (starting Ray costs ~10 s)."""

@@ -70,7 +70,7 @@ def _assert_run_recorded(uri: str, run_id: str, kind: str, figures: set[str]) ->
     # The registered version is an MLflow model (pyfunc, signature, input example); the run names its input store.
     version = max(client.search_model_versions(f"name='galray-{kind}'"), key=lambda v: int(v.version))
     where = client.get_logged_model(version.source.removeprefix("models:/")).artifact_location
-    model = Model.load(mlflow.artifacts.download_artifacts(artifact_uri=f"{where}/MLmodel"))
+    model = Model.load(mlflow.artifacts.download_artifacts(artifact_uri=f"{where}/MLmodel", tracking_uri=uri))
     assert "python_function" in model.flavors and model.signature is not None and model.saved_input_example_info
     (store,) = run.inputs.dataset_inputs
     assert json.loads(store.dataset.profile)["num_rows"] > 0
@@ -318,7 +318,7 @@ def test_vqvae_two_workers(ray_session, s3_env, s3_server, tmp_path, monkeypatch
     _assert_skipped(tracking["uri"], s, "all pixels are NaN or inf", {object_id(3, sim), object_id(ROWS + 3, sim)})
 
 
-def test_encode_then_prior_two_workers(ray_session, s3_env, s3_server, tmp_path, monkeypatch):
+def test_encode_then_prior_two_workers(ray_session, s3_env, s3_server, mlflow_server, tmp_path, monkeypatch):
     from galray.stages.encode import EncodeJob, encode_store
     from galray.models.checkpoint import save_model
     from galray.models.vqvae import VQVAE, VQVAEConfig
@@ -352,7 +352,10 @@ def test_encode_then_prior_two_workers(ray_session, s3_env, s3_server, tmp_path,
     write_table(codes_table(["bad-0", "bad-1"], np.array([[16] + [0] * 15, [-3] + [0] * 15]), np.zeros(2, np.int64),
                             16, meta), fs, f"{root}/shard-00009.parquet")
 
-    tracking = _tracking(tmp_path)
+    # This run logs over HTTP to a shared `mlflow server` whose artifacts are on S3 (conftest.mlflow_server),
+    # as on a cluster; tests/test_mlflow_server.py has an embed job logging to the same server.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking = {"uri": mlflow_server.uri, "experiment": "test-train-server"}
     s = fit(from_dict(TrainJob, {
         "kind": "prior", "input": out, "name": "prior", "storage_path": f"s3://{bucket}/runs", "steps": 20,
         "batch_size": 16, "checkpoint_every": 10, "log_every": 1, "materialize": True, "val_fraction": 0.1,
@@ -364,6 +367,21 @@ def test_encode_then_prior_two_workers(ray_session, s3_env, s3_server, tmp_path,
     assert _s3_checkpoints(s3_server, bucket, "runs/prior/") == {"step-00000010", "step-00000020"}
     _assert_loss_decreased(tracking["uri"], s.mlflow_run_id)
     _assert_run_recorded(tracking["uri"], s.mlflow_run_id, "prior", {"loss_curves"})
+    # Read back through the server: params, metrics with steps, the checkpoint's artifacts (on S3, under the
+    # server's artifact root: the workers never see S3 for them) and the registered model.
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server.uri)
+    run = client.get_run(s.mlflow_run_id)
+    assert run.data.params["scaling.num_workers"] == "2" and run.info.status == "FINISHED"
+    assert sorted({m.step for m in client.get_metric_history(s.mlflow_run_id, "loss")}) == list(range(1, 21))
+    assert {"config.json", "model.safetensors"} <= {Path(a.path).name for a in
+                                                   client.list_artifacts(s.mlflow_run_id, "checkpoint")}
+    local = client.download_artifacts(s.mlflow_run_id, "checkpoint/config.json", str(tmp_path / "dl"))
+    assert json.loads(Path(local).read_text())
+    [version] = client.search_model_versions("name='galray-prior'")
+    assert version.run_id == s.mlflow_run_id
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=mlflow_server.bucket, Prefix="mlflow/")
+            .get("Contents", [])]
+    assert any(k.endswith(f"{s.mlflow_run_id}/artifacts/checkpoint/model.safetensors") for k in keys), keys[:20]
     assert "val_loss" in s.eval
     _assert_skipped(tracking["uri"], s, "codes outside the prior's vocabulary [0, 16)", {"bad-0", "bad-1"})
 
