@@ -24,10 +24,13 @@ Keys (one flat JSON object of numbers):
   MLflow, worker group, final evaluation and logging).
 - ``steps``, ``batch_size``, ``d_in``: the settings.
 
-Measured 2026-12-01 (--quick, a quiet 2-core machine, notes/15-s4-train_scaling.json): plain 5,376
-(5,510 before, 5,242 after), ray1 3,453, ray2 3,916 samples/s, ray_overhead_ratio 0.64 (target >= 0.9:
-not met), scaling_ratio_ray2 1.13 (2 workers on 2 cores), startup_s 44. An earlier run at load ~60
-gave 0.22 (plain 472): under load Ray's niced worker processes lose the CPU to the plain loop.
+Measured 2026-12-01 (--quick, a quiet 2-core machine, notes/15-s5-train_scaling.json): plain 5,324,
+ray1 4,163, ray2 4,546 samples/s: ray_overhead_ratio 0.78 (target >= 0.9: not met); first_batch_s 2.9,
+and with that wait counted in the loop 0.60; scaling_ratio_ray2 1.09 (2 workers on 2 cores); startup_s 61.
+At 600 steps (rate then still counted from the loop's start) the ratio was 0.81. Where the rest goes: the
+step itself costs more CPU in a Ray Train worker (thread CPU time per step 53-69 ms, against 43-50 ms in a
+plain process or a plain thread, and 47 ms with another process spinning on the other core); py-spy puts
+97% of the worker's loop in train_step, so it is not the data feed. An earlier run at load ~60 gave 0.22.
 """
 
 from __future__ import annotations
