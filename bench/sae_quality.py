@@ -123,8 +123,16 @@ def saelens_peer(xn_train: torch.Tensor, xn_test: torch.Tensor, groups: tuple[in
 
 # --- one input --------------------------------------------------------------------------------------
 
-def compare(x_train: torch.Tensor, x_test: torch.Tensor, steps: int, seed: int) -> dict[str, float]:
-    """Every method on one input; keys without the input's suffix."""
+VAL_FRACTION = 0.1
+"""Training rows held back as the validation split, as ``galray train`` does (``val_fraction``): the
+threshold is calibrated on them at the end of training (galray.train.workers)."""
+
+
+def compare(x_fit: torch.Tensor, x_test: torch.Tensor, steps: int, seed: int) -> dict[str, float]:
+    """Every method on one input; keys without the input's suffix. ``x_fit`` is split into the training
+    rows every method is fitted on and a validation split (``VAL_FRACTION``); scores are on ``x_test``."""
+    n_val = max(1, int(len(x_fit) * VAL_FRACTION))
+    x_train, x_val = x_fit[n_val:], x_fit[:n_val]
     d = x_train.shape[1]
     runs = {}
     for name in ("wu2025", "galray"):
@@ -168,8 +176,12 @@ def compare(x_train: torch.Tensor, x_test: torch.Tensor, steps: int, seed: int) 
 
     for name, r in runs.items():
         model = r["model"]
-        # The threshold rule of galray.train.sae_loop.train: calibrated on the last training rows.
+        # The rule of galray.train.sae_loop.train (the last training rows), reported beside the rule of a
+        # Ray Train run's end (galray.train.workers: the validation split), which the headline uses.
         model.calibrate_threshold(x_train[perms[name][-CALIBRATION_ROWS:]])
+        out[f"l0_threshold_train_calibrated_{name}"] = evaluate_sae(model, x_test, batch_size=BATCH,
+                                                                     mode="threshold")["l0_mean"]
+        model.calibrate_threshold(x_val[:CALIBRATION_ROWS])
         thr = evaluate_sae(model, x_test, batch_size=BATCH, mode="threshold")
         btk = evaluate_sae(model, x_test, batch_size=BATCH, mode="batchtopk")
         out.update({f"fvu_{name}": thr["fvu"], f"fvu_batchtopk_{name}": btk["fvu"], f"dead_frac_{name}": thr["dead_frac"],
@@ -242,7 +254,7 @@ def main() -> None:
     n_train, n_test = (24_576, 4096) if args.quick else (200_000, 20_000)
     epochs = args.epochs or (3.0 if args.quick else 25.0)
     x, _ = planted_dictionary(n_train + n_test, 640, 4096, 32, noise=0.01, zipf=1.0, seed=args.seed, frame="gaussian")
-    out = compare(x[:n_train], x[n_train:], max(1, int(epochs * n_train / BATCH)), args.seed)
+    out = compare(x[:n_train], x[n_train:], max(1, int(epochs * n_train * (1 - VAL_FRACTION) / BATCH)), args.seed)
 
     gz = args.gz_examples if (args.gz_examples / "images").is_dir() else None
     real = torch.from_numpy(real_embeddings(3000 if args.quick else 20_000, gz, args.seed))
@@ -250,7 +262,7 @@ def main() -> None:
     n_test_real = len(real) // 6
     r_train, r_test = real[perm[n_test_real:]], real[perm[:n_test_real]]
     epochs_real = args.epochs_real or (30.0 if args.quick else 100.0)  # a few thousand rows: more passes
-    real_out = compare(r_train, r_test, max(1, int(epochs_real * len(r_train) / BATCH)), args.seed)
+    real_out = compare(r_train, r_test, max(1, int(epochs_real * len(r_train) * (1 - VAL_FRACTION) / BATCH)), args.seed)
     out.update({f"{key}_real": v for key, v in real_out.items()})
     out["rows_real"] = len(real)
     out["real_has_gz_examples"] = int(gz is not None)

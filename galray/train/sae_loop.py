@@ -162,12 +162,13 @@ def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], max_rows
 
 
 CALIBRATION_ROWS = 8192
-"""Training rows (per rank) the inference threshold is calibrated on: ``k * 8192`` kept activations
+"""Rows (per rank) the inference threshold is calibrated on: ``k * 8192`` kept activations
 set its quantile to within about 1% of L0 (binomial error 1/sqrt(k * 8192) at k = 8)."""
 
 
 def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]) -> None:
-    """Set the inference threshold so threshold-mode L0 on these training batches is k (all ranks together)."""
+    """Set the inference threshold so threshold-mode L0 on these batches is k (all ranks together):
+    recent training batches, or held-out ones at the end of a Ray Train run (galray.train.workers)."""
     sae: SparseAutoencoder = unwrap(model)
     sae.calibrate_threshold(torch.cat([b["x"].float() for b in batches]))
 

@@ -48,10 +48,16 @@ class SkippedRows:
 
 
 def skipped_rows_counter() -> Any:
-    """A :class:`SkippedRows` actor (no CPU: it only counts) owned by the caller."""
-    import ray
+    """A :class:`SkippedRows` actor (no CPU: it only counts) owned by the caller, on the caller's node.
 
-    return ray.remote(num_cpus=0)(SkippedRows).remote()
+    Pinned there because a zero-CPU actor can otherwise land on any node, and a run that loses that
+    node (a spot preemption, a scale-down) would lose the counts and fail when it asks for them after
+    training has recovered and finished; the caller's node is the one the run cannot outlive anyway."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(SkippedRows).options(scheduling_strategy=here).remote()
 
 
 def report_skipped(counter: Any, split: str, ids: Sequence[str], reason: str) -> None:
