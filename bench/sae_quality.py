@@ -22,9 +22,10 @@ Methods, all at the same width and k, trained on the same rows for the same numb
 - the galray preset (Adam + warmup/decay, AuxK, gather kernels).
 
 Every SAE is scored with the same two inference rules: BatchTopK over held-out batches of 256, and a
-batch-independent threshold (galray and wu2025: the threshold calibrated at the end of training, as
-``galray.train.sae_loop.train`` does; SAELens: its own JumpReLU export, whose threshold is the running
-estimate its trainer keeps). The headline ``fvu_<method>`` is the threshold rule's.
+batch-independent threshold (galray and wu2025: the threshold calibrated at the end of training on the
+validation split, 10% of the fitting rows held back from training, as a `galray train` run's last
+checkpoint is; SAELens: its own JumpReLU export, whose threshold is the running estimate its trainer
+keeps). The headline ``fvu_<method>`` is the threshold rule's.
 
 Keys (one flat JSON object; ``peer_library`` is the peer's name and version, the one string):
 fvu_pca, fvu_wu2025, fvu_peer_library, fvu_galray; fvu_batchtopk_<sae>; dead_frac_<sae> (latents that
@@ -32,13 +33,18 @@ never fire on the held-out rows, threshold rule); l0_threshold_<sae>; fvu_first_
 steps; samples_per_s_wu2025, samples_per_s_galray (training throughput, alternating chunks so load from
 other processes hits both alike); and the same with the suffix ``_real`` for the real embeddings.
 
-Measured 2026-12-01 (--quick, a quiet 2-core machine, sae-lens 6.54.12; k = 64, width 2048):
-- planted (24,576 training rows, 3 epochs = 288 steps): FVU galray 0.198, wu2025 0.371, SAELens 0.620,
-  PCA 0.604; threshold L0 galray 69.7 (+9% of k), wu2025 65.5, SAELens 96.8; dead fraction 0, 0, 0.085.
-- real (3,630 embeddings: 630 gz-examples and 3,000 simulated; 30 epochs = 354 steps): FVU galray 0.262,
-  PCA 0.266, SAELens 0.331, wu2025 0.366; threshold L0 galray 77.3 (+21% of k: calibrated on the
-  3,025 training rows after 30 passes over them, the held-out rows cross the threshold more often);
-  dead fraction galray 0, SAELens 0.444.
+Measured 2026-12-01, session 6 (--quick, a quiet 2-core machine, sae-lens 6.54.12; k = 64, width 2048;
+notes/15-s6-sae_quality.json):
+- planted (22,119 training rows, 3 epochs = 259 steps): FVU galray 0.201, wu2025 0.378, SAELens 0.638,
+  PCA 0.604; threshold L0 galray 64.2 (+0.2% of k), wu2025 63.8, SAELens 104.8; dead fraction 0, 0, 0.061.
+- real (3,630 embeddings: 630 gz-examples and 3,000 simulated; 30 epochs = 319 steps): FVU PCA 0.267,
+  galray 0.272, SAELens 0.338, wu2025 0.380; threshold L0 galray 63.3 (-1.2% of k); dead fraction galray
+  0.002, SAELens 0.439.
+- ``l0_threshold_train_calibrated_<sae>``: the threshold set on the last training rows instead (the rule of
+  ``sae_loop.train``): galray 71.5 planted, 78.4 real (+22%: after 30 passes the model has learnt its
+  training rows, and unseen ones cross that threshold more often), which is why a run's end uses held-out
+  rows. Before that change (session 5, calibrated on training rows, all fitting rows trained on): FVU galray
+  0.198 planted, 0.262 real, L0 69.7 and 77.3.
 """
 
 from __future__ import annotations

@@ -24,17 +24,19 @@ Keys (one flat JSON object of numbers):
   MLflow, worker group, final evaluation and logging).
 - ``steps``, ``batch_size``, ``d_in``: the settings.
 
-Measured 2026-12-01 (--quick, a quiet 2-core machine, notes/15-s5-train_scaling.json): plain 5,324,
-ray1 4,163, ray2 4,546 samples/s: ray_overhead_ratio 0.78 (target >= 0.9: not met); first_batch_s 2.9,
-and with that wait counted in the loop 0.60; scaling_ratio_ray2 1.09 (2 workers on 2 cores); startup_s 61.
-At 600 steps (rate then still counted from the loop's start) the ratio was 0.81. Where the rest goes: the
-step itself costs more CPU in a Ray Train worker (thread CPU time per step 53-69 ms, against 43-50 ms in a
-plain process or a plain thread, and 47 ms with another process spinning on the other core); py-spy puts
-97% of the worker's loop in train_step, so it is not the data feed. `perf stat` finds the extra CPU in
-page faults: 35,600 a second in the Train worker against 760 in the plain loop (about 2,000 a step: memory
-handed back to the OS and faulted in again). With glibc's MALLOC_MMAP_THRESHOLD_ and
-MALLOC_TRIM_THRESHOLD_ at 256 MB in the workers' environment, 10,700 a second and 4,794 samples/s against
-4,495 in one pair of runs (not yet adopted: one run, within the noise). An earlier run at load ~60 gave 0.22.
+Measured 2026-12-01, session 6 (a quiet 2-core machine): --quick (notes/15-s6-train_scaling.json) plain
+4,753, ray1 4,589, ray2 4,327 samples/s: ray_overhead_ratio 0.97 (target >= 0.9: met); first_batch_s 2.6,
+with that wait counted 0.73; scaling_ratio_ray2 0.94 (2 workers on 2 cores); startup_s 59. At --steps 600
+(notes/15-s6-train_scaling_600.json): plain 4,986, ray1 4,221: 0.85 (below the target at that length).
+What changed since session 5 (0.78 at --quick): the workers report to Ray Train only at checkpoints. A
+``ray.train.report`` blocks until the controller takes the result off the worker's one-slot queue, which
+it does on its poll of the group every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s), so each log step's report
+cost about a second. What is left at 600 steps is the step itself costing more CPU in a Ray Train worker
+(thread CPU time per step 53-69 ms, against 43-50 ms in a plain process or a plain thread): `perf stat`
+finds page faults, 35,600 a second in the Train worker against 760 in the plain loop (memory handed back
+to the OS and faulted in again); glibc's MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ at 256 MB in
+the workers' environment cut them to 10,700 a second, +8% samples/s over three pairs of runs (not adopted:
+within the noise).
 """
 
 from __future__ import annotations
