@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -273,6 +274,14 @@ class RayHead:
     """The head's session folder: every log Ray writes for it lies under <session_dir>/logs."""
     node_secret: str
     """The S3 secret the head's node holds in its environment (a stand-in for an instance role)."""
+
+
+def registered_steps(snapshot: str | None) -> set[int]:
+    """Steps of the checkpoints Ray Train's controller has registered, from the text of the
+    ``checkpoint_manager_snapshot.json`` it rewrites in the run folder after each one (None: not written
+    yet). A checkpoint's files can be in storage before the controller has it, and a restart resumes only
+    from a registered one."""
+    return {int(m) for m in re.findall(r"step-(\d{8})", snapshot or "")}
 
 
 def _kill_processes_under(marker: str) -> None:

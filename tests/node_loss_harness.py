@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from conftest import _free_port, _kill_processes_under, write_cutouts  # tests/ is this script's folder, first on sys.path
+from conftest import _free_port, _kill_processes_under, registered_steps, write_cutouts  # tests/ is this script's folder, first on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBED_CALL = "MapWorker"  # the shard calls of a Ray Data actor pool are its _MapWorker actors' submit tasks
@@ -125,14 +124,11 @@ def embed_losing_a_node(cluster, worker, workdir: Path) -> dict:
 
 
 def _registered_steps(run_dir: Path) -> set[int]:
-    """Steps of the checkpoints Ray Train's controller has registered: it rewrites
-    ``checkpoint_manager_snapshot.json`` in the run folder after each one (a checkpoint folder can be on
-    disk before the controller has it, and a restart resumes only from a registered one)."""
+    """Steps of the checkpoints Ray Train has registered for the run in ``run_dir``."""
     try:
-        text = (run_dir / "checkpoint_manager_snapshot.json").read_text()
+        return registered_steps((run_dir / "checkpoint_manager_snapshot.json").read_text())
     except OSError:
         return set()
-    return {int(m) for m in re.findall(r"step-(\d{8})", text)}
 
 
 def train_losing_a_node(cluster, workdir: Path) -> dict:

@@ -8,7 +8,6 @@ and step counts are tiny so the file stays a few minutes on a 2-core machine.
 from __future__ import annotations
 
 import json
-import re
 import signal
 import threading
 import time
@@ -28,6 +27,8 @@ from galray.data.galsim_survey import SimConfig, object_id, render_batch
 from galray.storage import arrow_filesystem
 from galray.train.config import TrainJob
 from galray.data.split import is_val
+
+from conftest import registered_steps
 
 # Rows per shard and shards of the test stores.
 ROWS, SHARDS = 120, 2
@@ -194,14 +195,12 @@ def _train_workers() -> list[psutil.Process]:
 
 
 def _registered_checkpoints(s3, bucket: str, run_prefix: str) -> set[int]:
-    """Steps of the checkpoints Ray Train's controller has registered for a run: it rewrites
-    ``checkpoint_manager_snapshot.json`` in the run folder after each one (a checkpoint's files can be
-    in storage before the controller has it)."""
+    """Steps of the checkpoints Ray Train has registered for the run under ``run_prefix`` on S3."""
     try:
         body = s3.get_object(Bucket=bucket, Key=f"{run_prefix}checkpoint_manager_snapshot.json")
     except Exception:  # not written yet
         return set()
-    return {int(m) for m in re.findall(r"step-(\d{8})", body["Body"].read().decode())}
+    return registered_steps(body["Body"].read().decode())
 
 
 class _Killer(threading.Thread):
