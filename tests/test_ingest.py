@@ -381,3 +381,26 @@ def test_bad_catalog_is_a_config_error(tmp_path, ray_session):
     with pytest.raises(ConfigError, match="no column 'nope'"):
         ingest(IngestJob(format="images", input=str(tmp_path / "in"), output=str(tmp_path / "s"),
                          catalog=str(tmp_path / "catalog.csv"), id_column="nope"))
+
+
+def test_a_unit_whose_task_raises_comes_back_with_the_reason(tmp_path):
+    """An exception convert_unit does not expect (here its own check that rows add up, tripped by a unit
+    planned with more rows than files) is returned with its type and message, for the driver to write
+    the unit's rows as errors rows with that reason, not reported as a worker that died."""
+    from galray.data.formats import ReadContext, Unit
+    from galray.data.shards import ImageSpec
+    from galray.stages.ingest import unit_task
+
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        (tmp_path / f"g{i}.png").write_bytes(encode_png(_galaxy(rng)))
+    job = IngestJob(format="images", input=str(tmp_path), output=str(tmp_path / "store"))
+    ctx = ReadContext(format="images", src=str(tmp_path), storage=StorageConfig(),
+                      spec=ImageSpec(shape=(SIDE, SIDE, 3), bands=("g", "r", "z")), policy=CutoutPolicy(),
+                      fits=FitsConfig())
+    paths = tuple(str(tmp_path / f"g{i}.png") for i in range(2))
+    ok = unit_task(Unit(index=0, rows=2, paths=paths), job, ctx)
+    assert ok["failed"] == "" and ok["rows_out"] == 2
+    bad = unit_task(Unit(index=1, rows=3, paths=paths), job, ctx)
+    assert bad["failed"].startswith("ingest failed on this unit: RuntimeError: unit 1: 3 rows in"), bad
+    assert (bad["rows_out"], bad["rows_errored"]) == (0, 0)

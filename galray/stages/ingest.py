@@ -146,12 +146,27 @@ def run_unit(unit: Unit, job: IngestJob, ctx: ReadContext) -> dict[str, Any]:
             unit, refused=f"cannot read this unit: {type(err).__name__}: {first}"), ctx)
     fs, root = arrow_filesystem(job.output, job.storage)
     write_shard(table, errors, fs, root, shard_name(unit.index))
-    return {"unit": unit.index, "rows_in": unit.rows, "rows_out": table.num_rows, "rows_errored": len(errors)}
+    return {"unit": unit.index, "rows_in": unit.rows, "rows_out": table.num_rows, "rows_errored": len(errors),
+            "failed": ""}
 
 
-def give_up_unit(unit: Unit, job: IngestJob, ctx: ReadContext) -> dict[str, Any]:
-    """Write a unit whose task failed every attempt as errors rows only (run on the driver; reads nothing)."""
-    return run_unit(dataclasses.replace(unit, refused=gave_up("worker reading this unit")), job, ctx)
+def unit_task(unit: Unit, job: IngestJob, ctx: ReadContext) -> dict[str, Any]:
+    """:func:`run_unit` in a Ray task. An exception it did not expect (a check of convert_unit, a bug)
+    comes back as ``failed`` (its type and first line) so that the driver writes the unit's rows as errors
+    rows with that reason: Ray does not retry a task that raised, and Ray Data would drop the unit
+    without saying why, as if its worker had died."""
+    try:
+        return run_unit(unit, job, ctx)
+    except Exception as err:  # noqa: BLE001 - reported as the unit's errors rows, never lost
+        first = str(err).splitlines()[0][:300] if str(err) else ""
+        return {"unit": unit.index, "rows_in": unit.rows, "rows_out": 0, "rows_errored": 0,
+                "failed": f"ingest failed on this unit: {type(err).__name__}: {first}"}
+
+
+def give_up_unit(unit: Unit, job: IngestJob, ctx: ReadContext, reason: str | None = None) -> dict[str, Any]:
+    """Write a unit whose task failed as errors rows only (run on the driver; reads nothing): ``reason``,
+    or by default that its worker died on every attempt."""
+    return run_unit(dataclasses.replace(unit, refused=reason or gave_up("worker reading this unit")), job, ctx)
 
 
 def ingest(job: IngestJob) -> StageSummary:
@@ -204,7 +219,7 @@ def ingest(job: IngestJob) -> StageSummary:
 
         def task(row: dict[str, Any]) -> dict[str, Any]:
             ctx = base_ctx if catalog_ref is None else dataclasses.replace(base_ctx, catalog=ray.get(catalog_ref))
-            return run_unit(Unit.from_json(row["unit"]), job, ctx)
+            return unit_task(Unit.from_json(row["unit"]), job, ctx)
 
         items = [{"unit": u.to_json()} for u in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -214,8 +229,11 @@ def ingest(job: IngestJob) -> StageSummary:
         with warnings.catch_warnings():  # Ray 2.60 names no parameter for it; ray_remote_args is the way
             warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
             stats = ds.map(task, max_retries=MAX_RETRIES).take_all()
-        given_up = [u for u in todo if u.index not in {s["unit"] for s in stats}]
-        stats += [give_up_unit(u, job, base_ctx) for u in given_up]
+        failed = {s["unit"]: s["failed"] for s in stats if s["failed"]}
+        died = [u for u in todo if u.index not in {s["unit"] for s in stats}]
+        stats = [s for s in stats if not s["failed"]]
+        stats += [give_up_unit(u, job, base_ctx, failed.get(u.index)) for u in todo if u.index in failed]
+        stats += [give_up_unit(u, job, base_ctx) for u in died]
     # Finished units of an earlier run count from their Parquet footers.
     earlier = [u for u in plan.units if shard_name(u.index) in done]
     names = [shard_name(u.index) for u in earlier]
