@@ -216,11 +216,13 @@ class TrainJob:
     val_fraction: float = 0.05
     """Share of objects held out for validation, chosen by crc32(object_id): stable across runs and stores."""
     checkpoint_every: int = 500
-    """Steps between checkpoints; the last step always writes one."""
+    """Steps between checkpoints; the last step always writes one. Checkpoints are also the steps that
+    report to Ray Train (a report waits up to the controller's 2 s poll), and the SAE's inference
+    threshold is calibrated before each."""
     keep_checkpoints: int | None = None
     """Keep only the newest this many checkpoints in storage (null keeps all)."""
     log_every: int = 50
-    """Steps between metric records (MLflow and Ray Train's reports)."""
+    """Steps between metric records (all-reduced over the ranks, logged to MLflow by rank 0)."""
     max_failures: int = 0
     """Worker-group failures Ray Train recovers from (from the latest checkpoint); -1: no limit."""
     materialize: bool = False
