@@ -12,6 +12,10 @@ from typing import Literal
 
 from galray.config import ConfigError, check
 
+PICO_ARCH = "galray_convnext_pico"
+"""timm name of galray's own tiny ConvNeXt (registered by :mod:`galray.models.backbones`); here so that
+model configs can name it without importing timm."""
+
 VQVAE_PREFIX = "vqvae:"
 ENCODER_PREFIX = "encoder:"
 

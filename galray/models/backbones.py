@@ -42,7 +42,7 @@ import torch
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from galray.models.backbone_config import ENCODER_PREFIX, VQVAE_PREFIX, BackboneConfig, BackboneError
+from galray.models.backbone_config import ENCODER_PREFIX, PICO_ARCH, VQVAE_PREFIX, BackboneConfig, BackboneError
 
 __all__ = ["Backbone", "BackboneConfig", "BackboneError", "Preprocessing", "UnsafeWeightsError", "create_backbone",
            "embedding_dim", "file_sha256", "load_weights_file", "load_weights_into", "to_model_input"]
@@ -51,7 +51,6 @@ HF_PREFIXES = ("hf_hub:", "hf-hub:")
 LOCAL_DIR_PREFIX = "local-dir:"
 EUCLID_MAE_REPO = "mwalmsley/euclid_encoder_mae_zoobot_vit_small_patch8_224"
 EUCLID_MAE_ARCH = "zoobot_vit_small_patch8_224"
-PICO_ARCH = "galray_convnext_pico"
 # Checkpoint dicts often nest the state dict under one of these keys (Lightning, DeiT, timm train.py).
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module", "state_dict_ema")
 # Prefixes that wrappers add to parameter names (DDP, Lightning modules, torch.compile, Zoobot's encoder).

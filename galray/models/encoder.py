@@ -43,15 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-import timm
 import torch
 from safetensors.torch import save_file
-from timm.models import group_parameters
 from torch import Tensor, nn
 
 from galray.config import ConfigError, check
 from galray.models.augment import sky_sigma
-from galray.models.backbones import PICO_ARCH  # registers galray's own timm architectures
+from galray.models.backbone_config import PICO_ARCH
 
 BACKBONE_WEIGHTS_NAME = "backbone.safetensors"
 
@@ -190,6 +188,13 @@ class SurveyEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.cfg = cfg
+        # timm (and galray's own architectures, registered by galray.models.backbones) only when a model is
+        # built: this module is imported wherever an encoder config is read, e.g. by every Ray Train worker
+        # and data task of any kind, where importing timm cost about 3 s a process.
+        import timm
+
+        import galray.models.backbones  # noqa: F401 (registers galray's timm architectures)
+
         try:
             self.backbone = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, in_chans=cfg.in_channels,
                                               **cfg.backbone_args)
@@ -209,6 +214,8 @@ class SurveyEncoder(nn.Module):
         """Train only the last ``blocks`` coarse parameter groups of the backbone (-1: all)."""
         if blocks < 0:
             return
+        from timm.models import group_parameters
+
         groups = group_parameters(self.backbone, self.backbone.group_matcher(coarse=True))
         ordered = [groups[k] for k in sorted(groups)]
         frozen = {name for g in (ordered[: len(ordered) - blocks] if blocks else ordered) for name in g}
