@@ -129,9 +129,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     diff = replica_max_diff(model, device)
     if rank != 0:
         return {}
-    evaluation = job.loop.evaluate(
-        model, ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=job.batch_size, device=device),
-        job.eval_max_rows)
+    val = worker.held_out_batches
+    if val is None:
+        val = ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=job.batch_size, device=device)
+    evaluation = job.loop.evaluate(model, val, job.eval_max_rows)
     if tracker is not None and evaluation.metrics:
         tracker.log_metrics(evaluation.metrics, step=step)
     return {"step": step, "resumed_from_step": start, "replica_max_diff": diff, "last": last,
@@ -166,6 +167,9 @@ class Worker:
     held_out: Any = None
     """The validation split, whole on every rank (``iter_torch_batches``), or None: what the last
     checkpoint's inference statistics are calibrated on (:meth:`_calibrate`)."""
+    held_out_batches: list[Any] | None = None
+    """All of the validation split's batches when the last calibration read them all (the evaluation
+    then uses them: each pass over a Ray dataset starts an execution, about 3 s here)."""
 
     @classmethod
     def create(cls, job: TrainJob, model_config: dict[str, Any], init_state: dict[str, np.ndarray],
@@ -239,12 +243,14 @@ class Worker:
         any, and the collective calibration gives the threshold of those rows."""
         batches = list(recent.batches)
         if final and self.held_out is not None:
-            rows, val = 0, []
+            rows, val, whole = 0, [], True
             for b in self.held_out.iter_torch_batches(batch_size=self.job.batch_size, device=self.device):
+                if rows >= recent.max_rows:
+                    whole = False
+                    break
                 val.append(b)
                 rows += batch_rows(b)
-                if rows >= recent.max_rows:
-                    break
+            self.held_out_batches = val if whole else None
             batches = val or batches
         self.job.loop.calibrate(self.model, batches)
 
