@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     out.update({f"cpu_s_{k}": round(v, 1) for k, v in cpu.items()})
 
     beats = []
-    for key in sorted({k.rsplit("_encoder", 1)[0] for k in out if k.endswith("_encoder")}):
+    for key in sorted(task[0] for task in probe_tasks(data)):
         best = max(out[f"{key}_{b}"] for b in BASELINES)
         out[f"margin_{key}"] = round(out[f"{key}_encoder"] - best, 4)
         beats.append(out[f"margin_{key}"] > 0)

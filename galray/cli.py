@@ -159,6 +159,17 @@ VERBS: dict[str, Verb] = {v.name: v for v in (
         its type, counts for label-like columns, and the number of rows in the errors output.
         Reads Parquet footers and label columns only."""), (
         Flag("input", "input", "store URI: folder, file:// or s3://bucket/prefix", metavar="URI"),)),
+    Verb("neighbours", "galray.stages.neighbours", "NeighboursJob", "neighbours",
+         "the galaxies most like one galaxy: nearest neighbours by cosine similarity of embeddings", _d("""
+        Print the K galaxies of an embedding store (from `galray embed`) whose embeddings point
+        most nearly the same way as the query galaxy's (cosine similarity), most similar first,
+        the query itself left out. Exact: two streaming passes over the store, a batch at a time
+        (memory stays flat whatever its size). Similarity search on a self-supervised encoder's
+        embeddings is what Stein et al. 2021 built for the DESI Legacy Surveys."""), (
+        Flag("--embeddings", "embeddings", "embedding store URI: folder, file:// or s3://bucket/prefix",
+             metavar="URI"),
+        Flag("--id", "id", "object_id of the query galaxy"),
+        Flag("--k", "k", "neighbours to return"))),
     Verb("embed", "galray.stages.embed", "EmbedJob", "embed_store",
          "embed a cutout store with a backbone (timm, Zoobot, Euclid MAE, VQ-VAE)", _d("""
         Stream a cutout store through a fixed pool of model replicas (Ray Data) into an embedding

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -177,6 +178,36 @@ def test_axis_ratio_is_found_by_a_main_sae_feature_far_above_the_shuffle_null(pi
     assert {"alignment", "galleries", "families", "codebook", "generations"} <= set(summary["sections"])
 
 
+def test_neighbours_in_the_report_are_the_stores_and_the_probes_read_the_labels(pipeline):
+    from galray.data.neighbours import nearest_neighbours
+
+    p = pipeline["paths"]
+    folder = Path(p["analysis"])
+    summary = json.loads((folder / "analysis.json").read_text())
+    galleries = pd.read_parquet(folder / "galleries.parquet")
+    queries = summary["neighbour_galleries"]
+    assert len(queries) == 4 and len({q["query"] for q in queries}) == 4
+    for q in queries:
+        rows = galleries[galleries["gallery"] == q["gallery"]].sort_values("rank")
+        assert rows["object_id"].iloc[0] == q["query"] and rows["value"].iloc[0] == 1.0
+        # The sample is the whole store here, so the report's neighbours are `galray neighbours`'s.
+        search = nearest_neighbours(p["emb"], q["query"], k=8)
+        assert list(rows["object_id"].iloc[1:]) == [n.object_id for n in search.neighbours]
+        assert np.allclose(rows["value"].iloc[1:], [n.similarity for n in search.neighbours], atol=1e-5)
+    probes = pd.read_parquet(folder / "probes.parquet").set_index("label")
+    assert set(probes.loc[[c for c in probes.index if c.startswith("class:")], "metric"]) == {"AUC"}
+    # Brightness is what a linear read-out of these embeddings recovers best (R^2 0.65 at 1,000 rows; labels
+    # read out of step with the embeddings would give about 0); a position angle, a circular label, none
+    # can. The class AUCs are out-of-fold ones, not a perfect fit.
+    assert probes.loc["mag_r", "metric"] == "R2" and probes.loc["mag_r", "embedding"] > 0.3
+    assert probes.loc["position_angle", "embedding"] < 0.1
+    aucs = probes[probes["metric"] == "AUC"]
+    assert ((aucs["embedding"] > 0.5) & (aucs["embedding"] < 1.0)).mean() > 0.5
+    assert "neighbours" in summary["sections"]
+    html = Path(pipeline["report"].output).read_text()
+    assert 'id="neighbours"' in html and "Linear probes" in html
+
+
 def test_report_is_self_contained_and_logged_to_the_analysis_run(pipeline, tmp_path):
     p, tracking, rep = pipeline["paths"], pipeline["tracking"], pipeline["report"]
     html = Path(rep.output).read_text()
@@ -184,7 +215,7 @@ def test_report_is_self_contained_and_logged_to_the_analysis_run(pipeline, tmp_p
     srcs = re.findall(r'src="([^"]*)"', html)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)  # nothing outside the file
     assert not re.search(r"<(link|script)\b", html)
-    assert {"headline", "galleries", "pca", "codebook", "generations", "tables", "run"} <= set(rep.sections)
+    assert {"headline", "galleries", "pca", "neighbours", "codebook", "generations", "tables", "run"} <= set(rep.sections)
     assert html.index('id="headline"') < html.index('id="tables"')  # pictures first
     assert html.count('loading="lazy"') >= html.count("<img ") - 3
     run_id = rep.mlflow_run_id

@@ -8,7 +8,7 @@ or logged to MLflow as a single artifact.
 The page is a list of sections, each made by a *section builder*: a function
 ``(ReportInputs) -> Section | None`` (None when its data is absent, e.g. no VQ-VAE was analysed).
 :data:`SECTIONS` is the default order: headline figures, galleries, PCA extremes, novel features,
-families, codebook, generations, then the tables and the run's configuration and metrics. Another
+similar galaxies and linear probes, novel features, families, codebook, generations, then the tables and the run's configuration and metrics. Another
 analysis adds its own builder (reading its own files from ``inputs.folder``) and passes
 ``sections=SECTIONS + (my_builder,)``, or inserts it where it belongs.
 
@@ -203,6 +203,35 @@ def pca_extremes(inputs: ReportInputs) -> Section | None:
     return Section("pca", "PCA components at both extremes", "".join(cards))
 
 
+def similar_galaxies(inputs: ReportInputs) -> Section | None:
+    """A few galaxies with their nearest neighbours (cosine of embeddings), beside the linear-probe table."""
+    queries = inputs.summary.get("neighbour_galleries", [])
+    probes = inputs.tables.get("probes")
+    if not queries and probes is None:
+        return None
+    cards = []
+    for item in queries:
+        rows = inputs.gallery(item["gallery"])
+        query = rows[(rows["rank"] == 0) & (rows["object_id"] == item["query"])]
+        near = rows.drop(query.index)
+        sims = near["value"]
+        sub = (f"cosine similarity {sims.max():.3f} to {sims.min():.3f}" if len(sims) else "no neighbours shown")
+        body = ('<div class="pair nn"><div><div class="muted">query</div>' + thumbnails(query, "similarity")
+                + '</div><div><div class="muted">nearest, most similar first</div>' + thumbnails(near, "similarity")
+                + "</div></div>")
+        cards.append(_card(f"like {item['query']}", sub, body))
+    intro = ('<p>Each galaxy beside the analysed objects whose embeddings point most nearly the same way (cosine '
+             'similarity; <code>galray neighbours</code> searches a whole store the same way).</p>') if cards else ""
+    probe_html = ""
+    if probes is not None:
+        probe_html = ('<h3>Linear probes: how much of each label a linear read-out recovers</h3>'
+                      f'<p class="muted">Out-of-fold (5-fold) ROC AUC for two-valued labels (0.5: chance) and R² for '
+                      f'the rest (0: no better than the mean), of the embeddings, on the first '
+                      f'{int(probes["objects"].max())} analysed objects with the label.</p>'
+                      + table(probes, ["label", "metric", "objects", "embedding"], max_rows=200))
+    return Section("neighbours", "Similar galaxies and linear probes", intro + "".join(cards) + probe_html)
+
+
 def novel(inputs: ReportInputs) -> Section | None:
     frame = inputs.tables.get("novel")
     if frame is None:
@@ -289,8 +318,8 @@ def run_info(inputs: ReportInputs) -> Section | None:
     return Section("run", "Run: configuration and metrics", "".join(blocks)) if blocks else None
 
 
-SECTIONS: tuple[SectionBuilder, ...] = (headline, galleries, pca_extremes, novel, families, codebook, generations,
-                                        tables, run_info)
+SECTIONS: tuple[SectionBuilder, ...] = (headline, galleries, pca_extremes, similar_galaxies, novel, families, codebook,
+                                        generations, tables, run_info)
 
 STYLE = """
 :root{--fg:#1d2330;--muted:#6b7280;--line:#e5e7eb;--bg:#fafafa;--accent:#d1495b}

@@ -36,6 +36,7 @@ import io
 import json
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,6 +108,15 @@ class AnalyzeJob:
     """Cutouts per gallery."""
     pca_gallery: int = 4
     """PCA components shown at both extremes."""
+    neighbour_queries: int = 4
+    """Galaxies shown with their nearest neighbours in the sample (cosine similarity of the embeddings,
+    as `galray neighbours`), chosen by crc32 of their object_id (a fixed, arbitrary pick)."""
+    neighbours: int = 8
+    """Neighbours shown for each of them."""
+    probe_rows: int = 500
+    """Objects (the first of the sample) in the linear-probe table: how much of each label a linear
+    read-out of the embeddings recovers, 5-fold (0: no table; about 1-4 s a label at 500 rows of
+    700-d embeddings on one core)."""
     thumb_px: int = 64
     """Side of a gallery thumbnail in pixels."""
     min_frequency: float = 0.01
@@ -151,7 +161,7 @@ class AnalyzeJob:
         check(0.5 <= self.null_quantile < 1.0, "null_quantile", "must be in [0.5, 1)")
         check(self.compare_features >= 0, "compare_features", "must be >= 0")
         for name in ("gallery_features", "gallery_size", "pca_gallery", "novel_shown", "families_shown",
-                     "codebook_codes", "generation_per_class"):
+                     "codebook_codes", "generation_per_class", "neighbour_queries", "neighbours", "probe_rows"):
             check(getattr(self, name) >= 0, name, "must be >= 0")
         check(self.thumb_px >= 16, "thumb_px", "must be at least 16")
         check(0.0 <= self.min_frequency < 1.0, "min_frequency", "must be in [0, 1)")
@@ -369,6 +379,7 @@ def gallery_step(job: AnalyzeJob, sample: Sample, scores: np.ndarray, explained:
     """Top-activating cutouts of ``latents`` over the whole of every gallery source (``input`` and
     ``gallery_inputs``, merged by activation), and PCA extremes in the sample, as thumbnails."""
     from galray.analysis.galleries import extremes, gallery_rows
+    from galray.data.neighbours import nearest_rows
 
     sources = gallery_sources(job, sample.meta)
     wanted: dict[str, list[tuple[str, float, str, str]]] = {}  # gallery -> (object_id, value, file, source)
@@ -378,6 +389,12 @@ def gallery_step(job: AnalyzeJob, sample: Sample, scores: np.ndarray, explained:
                 wanted.setdefault(f"sae {j}", []).extend((oid, v, path, source) for v, oid, path in found)
         for name, items in wanted.items():  # each source's best, merged: strongest first, ties by id
             wanted[name] = sorted(items, key=lambda i: (-i[1], i[3], i[0]))[: job.gallery_size]
+    out.summary["neighbour_galleries"] = []
+    for q in neighbour_queries(sample.ids, job.neighbour_queries):
+        rows, sims = nearest_rows(sample.embeddings_ND, sample.ids, q, job.neighbours)
+        name = f"neighbours {sample.ids[q]}"
+        wanted[name] = [(sample.ids[i], float(s), sample.files[i], "") for i, s in zip([q, *rows], [1.0, *sims])]
+        out.summary["neighbour_galleries"].append({"query": str(sample.ids[q]), "gallery": name})
     comps = list(range(min(job.pca_gallery, scores.shape[1])))
     for c in comps:
         low, high = extremes(scores[:, c], job.gallery_size)
@@ -392,6 +409,39 @@ def gallery_step(job: AnalyzeJob, sample: Sample, scores: np.ndarray, explained:
                                          job.thumb_px)
     out.summary["pca_gallery"] = [{"component": c, "explained": explained[c]} for c in comps]
     out.summary["gallery_sources"] = {name: uri for name, (uri, _) in sources.items()}
+
+
+def neighbour_queries(ids: np.ndarray, n: int) -> list[int]:
+    """Rows of the ``n`` query galaxies: the smallest crc32 of their object_id (fixed, and spread over the sample)."""
+    order = sorted(range(len(ids)), key=lambda i: (zlib.crc32(str(ids[i]).encode()), str(ids[i])))
+    return order[:n]
+
+
+def probe_step(job: AnalyzeJob, sample: Sample, labels: pd.DataFrame, out: Outputs) -> None:
+    """The linear-probe table: for every label, out-of-fold ROC AUC (two-valued labels, e.g. one class
+    against the rest) or R^2 (the rest) of a linear read-out of the embeddings
+    (:mod:`galray.analysis.probes`, as `bench/encoder_probe.py` scores encoders), on the first
+    ``probe_rows`` objects with that label."""
+    from galray.analysis.probes import probe_auc, probe_r2
+
+    n = min(job.probe_rows, len(sample.ids))
+    if n < 10:
+        return
+    rows = []
+    for name in labels.columns:
+        y = labels[name].to_numpy(dtype=float)[:n]
+        ok = np.isfinite(y)
+        values = np.unique(y[ok])
+        if ok.sum() < 10 or len(values) < 2:
+            continue
+        binary = len(values) == 2
+        if binary and np.bincount(np.searchsorted(values, y[ok])).min() < 2:
+            continue
+        score = (lambda X: probe_auc(X, y[ok], seed=job.seed)) if binary else (lambda X: probe_r2(X, y[ok], seed=job.seed))
+        rows.append({"label": name, "metric": "AUC" if binary else "R2", "objects": int(ok.sum()),
+                     "embedding": score(sample.embeddings_ND[:n][ok])})
+    if rows:
+        out.tables["probes"] = pd.DataFrame(rows)
 
 
 def _pictures(job: AnalyzeJob, uri: str | None, objects: set[tuple[str, str]]) -> dict[str, np.ndarray]:
@@ -609,6 +659,8 @@ def analyze(job: AnalyzeJob) -> AnalyzeSummary:
     latents = list(dict.fromkeys([c["feature"] for c in chosen] + novel_ids + family_ids))
     out.summary["gallery_features"] = chosen
     gallery_step(job, sample, scores, out.summary["pca_explained"], latents, out)
+    if job.probe_rows:
+        probe_step(job, sample, labels, out)
     top = [c["feature"] for c in chosen]
     by_name = {n: i for i, n in enumerate(sae.names)}
     rows = [by_name[f"sae {f}"] for f in top if f"sae {f}" in by_name]
@@ -621,6 +673,8 @@ def analyze(job: AnalyzeJob) -> AnalyzeSummary:
     if vqvae_uri is None and model.startswith(VQVAE_PREFIX):
         vqvae_uri = model[len(VQVAE_PREFIX):]
     sections = ["alignment", "galleries"] + (["families"] if "families" in out.tables else [])
+    if out.summary["neighbour_galleries"] or "probes" in out.tables:
+        sections.append("neighbours")
     if vqvae_uri and job.codes:
         codebook_step(job, vqvae_uri, classes, out)
         sections.append("codebook")
