@@ -5,11 +5,12 @@ Legacy Survey galaxies: pick a galaxy, get the ones that look like it. Here the 
 two streaming passes over the store (the query's row, then every row scored against it), a record
 batch at a time, so memory holds one batch and ``k`` candidates whatever the store's size, and it
 reads local folders and S3 alike. An exact pass costs one read of the store per query (about 10 s
-per million 256-d rows on a 2-core machine busy with other work): for many queries over hundreds of millions of rows an
-approximate index (faiss, hnswlib) built once would answer faster; galray does not build one yet.
+per million 256-d rows on a 2-core machine busy with other work): for many queries over hundreds
+of millions of rows an approximate index (faiss, hnswlib) built once would answer faster; galray
+does not build one yet.
 
-Embeddings are compared as directions (cosine), as Stein et al. and Zoobot's similarity search do:
-the length of an embedding mostly carries brightness and signal-to-noise. Rows whose embedding is
+Embeddings are compared as directions (cosine similarity, as Stein et al. rank their neighbours):
+an embedding's length mostly carries brightness and signal-to-noise. Rows whose embedding is
 zero or not finite cannot be compared and are counted, not returned.
 """
 
