@@ -9,7 +9,8 @@ per million 256-d rows on a 2-core machine busy with other work): for many queri
 of millions of rows an approximate index (faiss, hnswlib) built once would answer faster; galray
 does not build one yet.
 
-Embeddings are compared as directions (cosine similarity, as Stein et al. rank their neighbours):
+Embeddings are compared as directions (cosine similarity, what a contrastive loss such as SimCLR's
+NT-Xent compares):
 an embedding's length mostly carries brightness and signal-to-noise. Rows whose embedding is
 zero or not finite cannot be compared and are counted, not returned.
 """
