@@ -10,9 +10,8 @@ of millions of rows an approximate index (faiss, hnswlib) built once would answe
 does not build one yet.
 
 Embeddings are compared as directions (cosine similarity, what a contrastive loss such as SimCLR's
-NT-Xent compares):
-an embedding's length mostly carries brightness and signal-to-noise. Rows whose embedding is
-zero or not finite cannot be compared and are counted, not returned.
+NT-Xent compares): an embedding's length mostly carries brightness and signal-to-noise. Rows whose
+embedding is zero or not finite cannot be compared and are counted, not returned.
 """
 
 from __future__ import annotations
