@@ -1,6 +1,7 @@
 """Does galray's own encoder beat raw pixels? Linear probes of frozen embeddings, baselines in the same run.
 
-    python bench/encoder_probe.py --quick --json encoder_probe.json [--size 64] [--seeds 3] [--gz ../shared/data/gz-examples]
+    python bench/encoder_probe.py --quick --json encoder_probe.json [--size 64] [--batch 128] [--seeds 3]
+        [--gz ../shared/data/gz-examples]
 
 Data, all built here:
 
@@ -276,6 +277,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--gz", type=Path, default=Path(__file__).resolve().parents[1] / "../shared/data/gz-examples",
                     help="gz-examples folder (real galaxies, 7 surveys); probed when present")
     ap.add_argument("--size", type=int, help="cutout side in pixels (default: the settings' own, %d)" % Settings.size)
+    ap.add_argument("--batch", type=int, help="cutouts a training step, for every trained feature set "
+                                              "(default: the settings' own, %d with --quick)" % QUICK.batch)
     ap.add_argument("--seeds", type=int, default=3,
                     help="seeds of every trained or randomly initialised feature set (encoders, random "
                          "backbones, VQ-VAE); figures are means over seeds, with _sd their spread")
@@ -285,6 +288,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     s = QUICK if args.quick else Settings()
     if args.size:
         s = replace(s, size=args.size)
+    if args.batch:
+        s = replace(s, batch=args.batch)
     gz = args.gz if (args.gz / "catalog.csv").is_file() else None
     out: dict[str, float] = {"quick": float(args.quick), "size": s.size, "seeds": args.seeds, "n_train_sim": s.n_train,
                              "n_probe_sim": s.n_probe, "encoder_steps": s.steps, "batch": s.batch}
