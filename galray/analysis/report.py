@@ -7,8 +7,9 @@ or logged to MLflow as a single artifact.
 
 The page is a list of sections, each made by a *section builder*: a function
 ``(ReportInputs) -> Section | None`` (None when its data is absent, e.g. no VQ-VAE was analysed).
-:data:`SECTIONS` is the default order: headline figures, galleries, PCA extremes, novel features,
-similar galaxies and linear probes, novel features, families, codebook, generations, then the tables and the run's configuration and metrics. Another
+:data:`SECTIONS` is the default order: headline figures, galleries, PCA extremes, similar galaxies
+and linear probes, novel features, families, codebook, generations, then the tables and the run's
+configuration and metrics. Another
 analysis adds its own builder (reading its own files from ``inputs.folder``) and passes
 ``sections=SECTIONS + (my_builder,)``, or inserts it where it belongs.
 

@@ -103,14 +103,20 @@ def _ranked(sim_N: np.ndarray, ids_N: np.ndarray) -> np.ndarray:
     return np.lexsort((ids_N.astype(str), -sim_N))
 
 
+def _direction(v_D: np.ndarray) -> np.ndarray | None:
+    """``v`` scaled to unit length (float64); None when it is zero or not finite (it has no direction)."""
+    v = np.asarray(v_D, np.float64)
+    norm = float(np.linalg.norm(v))
+    return v / norm if np.isfinite(norm) and norm > 0 else None
+
+
 def nearest_rows(emb_ND: np.ndarray, ids_N: np.ndarray, query: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """In memory: (row indices, cosine similarities) of the ``k`` rows of ``emb_ND`` most similar to row
     ``query``, the query left out, in the order of :func:`nearest_neighbours` (for `galray analyze`'s sample)."""
-    q = emb_ND[query].astype(np.float64)
-    norm = float(np.linalg.norm(q))
-    if not (np.isfinite(norm) and norm > 0):
+    q = _direction(emb_ND[query])
+    if q is None:
         return np.empty(0, int), np.empty(0)
-    sim = _cosines(np.asarray(emb_ND, np.float32), q / norm)
+    sim = _cosines(np.asarray(emb_ND, np.float32), q)
     usable = np.isfinite(sim)
     usable[query] = False
     idx = _candidates(sim, usable, k)
@@ -126,11 +132,10 @@ def query_embedding(uri: str, object_id: str, storage: StorageConfig | None = No
         hit = pc.equal(batch.column(ID_COLUMN), pa.scalar(object_id, batch.schema.field(ID_COLUMN).type))
         if not pc.any(hit).as_py():
             continue
-        emb = _embeddings(batch.filter(hit))[0].astype(np.float64)
-        norm = float(np.linalg.norm(emb))
-        if not (np.isfinite(norm) and norm > 0):
+        q = _direction(_embeddings(batch.filter(hit))[0])
+        if q is None:
             raise QueryError(f"{object_id}'s embedding is zero or not finite: it has no nearest neighbours")
-        return emb / norm
+        return q
     raise QueryError(f"{object_id!r} is not in the embedding store {uri}")
 
 

@@ -437,9 +437,9 @@ def probe_step(job: AnalyzeJob, sample: Sample, labels: pd.DataFrame, out: Outpu
         binary = len(values) == 2
         if binary and np.bincount(np.searchsorted(values, y[ok])).min() < 2:
             continue
-        score = (lambda X: probe_auc(X, y[ok], seed=job.seed)) if binary else (lambda X: probe_r2(X, y[ok], seed=job.seed))
+        X = sample.embeddings_ND[:n][ok]
         rows.append({"label": name, "metric": "AUC" if binary else "R2", "objects": int(ok.sum()),
-                     "embedding": score(sample.embeddings_ND[:n][ok])})
+                     "embedding": probe_auc(X, y[ok], seed=job.seed) if binary else probe_r2(X, y[ok], seed=job.seed)})
     if rows:
         out.tables["probes"] = pd.DataFrame(rows)
 
